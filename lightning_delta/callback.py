@@ -1,0 +1,142 @@
+"""``DeltaCallback``: delta tuning for any LightningModule, with delta-only checkpoints."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from lightning_delta.checkpoint import META_KEY, DeltaCheckpointHooks, checkpoint_metadata, spec_differences
+from lightning_delta.core import DeltaConfig, attach_config
+from lightning_delta.errors import DeltaConfigError, DeltaStateError
+from lightning_delta.handle import DeltaModel, to_configs
+from lightning_delta.state import compare_fingerprint
+from lightning_delta.targets import normalize_patterns
+
+
+def find_backbone(pl_module: nn.Module) -> str:
+    """The dotted path of the one top-level transformers ``PreTrainedModel`` inside ``pl_module``.
+
+    Raises:
+        DeltaConfigError: none or several found; the message lists the candidates.
+    """
+    found: list[str] = []
+    transformers = sys.modules.get("transformers")
+    if transformers is not None:
+        base = transformers.PreTrainedModel
+        for name, module in pl_module.named_modules():
+            if isinstance(module, base) and not any(name.startswith(f + ".") for f in found):
+                found.append(name)
+    if len(found) == 1:
+        return found[0]
+    children = [f"{n} ({type(m).__name__}, {sum(p.numel() for p in m.parameters()):,} params)"
+                for n, m in pl_module.named_children()]
+    if not found:
+        raise DeltaConfigError(
+            f"{type(pl_module).__name__} holds no transformers PreTrainedModel to attach deltas to; name the"
+            f" backbone with DeltaCallback(..., module='<attribute path>'). Its submodules: {children or 'none'}"
+        )
+    raise DeltaConfigError(
+        f"{type(pl_module).__name__} holds several transformers models: {found}; pick one with"
+        f" DeltaCallback(..., module='{found[0]}')"
+    )
+
+
+class DeltaCallback(Callback):
+    """Attaches deltas to a LightningModule's backbone, freezes the rest and keeps checkpoints delta-only.
+
+    Args:
+        method: a method name (``"lora"``, ``"bitfit"``), a config (``LoraConfig(r=8)``) or a list of configs.
+        targets: target patterns (``None``: the preset for the backbone's ``config.model_type``).
+        trainable: patterns of backbone modules trained whole, e.g. ``["classifier"]``.
+        module: dotted path of the backbone inside the LightningModule; by default the one
+            transformers ``PreTrainedModel`` it holds.
+        exclude: patterns of matched modules to leave out.
+        name: the delta's name (default: the method name).
+        **hparams: the method's hyper-parameters, e.g. ``r=8, alpha=16, dropout=0.05``.
+
+    Raises:
+        DeltaConfigError: at construction, for unknown methods or hyper-parameters.
+    """
+
+    def __init__(
+        self,
+        method: str | DeltaConfig | list[DeltaConfig] = "lora",
+        targets: str | list[str] | None = None,
+        trainable: str | list[str] = (),
+        module: str | None = None,
+        exclude: str | list[str] = (),
+        name: str | None = None,
+        **hparams: Any,
+    ) -> None:
+        self._configs = to_configs(method, targets, exclude, name, hparams)
+        self._trainable = normalize_patterns(trainable)
+        self._module = module
+
+    @property
+    def configs(self) -> list[DeltaConfig]:
+        """The delta configs this callback attaches (a copy)."""
+        return list(self._configs)
+
+    def backbone_path(self, pl_module: nn.Module) -> str:
+        """Where the backbone sits in ``pl_module``."""
+        if self._module is None:
+            return find_backbone(pl_module)
+        try:
+            pl_module.get_submodule(self._module)
+        except AttributeError as err:
+            raise DeltaConfigError(
+                f"DeltaCallback(module={self._module!r}): {type(pl_module).__name__} has no such submodule;"
+                f" its children: {[n for n, _ in pl_module.named_children()]}"
+            ) from err
+        return self._module
+
+    def _attach(self, backbone: nn.Module) -> DeltaModel:
+        """Attaches what is not attached yet (setup runs for every stage); checks what is."""
+        handle = DeltaModel(backbone)
+        for config in self._configs:
+            name = config.name or config.method
+            have = handle.configs.get(name)
+            if have is None:
+                attach_config(backbone, config)
+            elif spec_differences([config.to_dict() | {"name": name}], {name: have}):
+                raise DeltaConfigError(f"delta {name!r} is already attached with other settings: {have}")
+        return handle.freeze_backbone(self._trainable)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        path = self.backbone_path(pl_module)
+        handle = self._attach(pl_module.get_submodule(path))
+        DeltaCheckpointHooks.install(pl_module, path)
+        rank_zero_info(f"lightning_delta: {handle.summary()}")
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        checkpoint[META_KEY] = checkpoint_metadata(pl_module, self.backbone_path(pl_module))
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        meta = checkpoint.get(META_KEY)
+        if meta is None:
+            return
+        backbone = pl_module.get_submodule(self.backbone_path(pl_module))
+        differences = spec_differences(meta["specs"], DeltaModel(backbone).configs)
+        if differences:
+            raise DeltaStateError(
+                f"the checkpoint's deltas differ from those this DeltaCallback attached: {differences}."
+                " Resume with the same method and hyper-parameters"
+            )
+        for note in compare_fingerprint(meta["fingerprint"], backbone):
+            rank_zero_warn(note)
+
+
+def trainable_parameters(module: nn.Module) -> Iterable[nn.Parameter]:
+    """Parameters that require grad: what ``configure_optimizers`` should hand the optimizer."""
+    return [p for p in module.parameters() if p.requires_grad]
+

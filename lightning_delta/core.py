@@ -1,0 +1,243 @@
+"""The delta protocol: the module base class, the config base class, attach and detach.
+
+A delta is an ``nn.Module`` registered as a child of the module it changes (its
+*target*) under the delta's name, so its tensors are addressed as
+``<target>.<name>.<tensor>`` (``encoder.layer.0.attention.self.query.lora.A``).
+It changes the target's output through a forward hook that is a bound method of
+the delta itself: no closure, so the model still pickles, deep-copies and compiles.
+Backbone parameter and buffer names never change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lightning_delta.errors import DeltaConfigError, DeltaError, MergeError
+from lightning_delta.targets import (
+    ATTENTION_PRESETS,
+    TargetError,
+    model_type,
+    normalize_patterns,
+    preset_hint,
+    resolve_targets,
+)
+
+_COMMON_FIELDS = ("targets", "exclude", "name")
+
+
+@dataclass
+class DeltaConfig:
+    """What to attach and where. Each method subclasses this with its typed hyper-parameters.
+
+    Args:
+        targets: target patterns (see :mod:`lightning_delta.targets`); ``None`` for the preset
+            of ``model.config.model_type``.
+        exclude: patterns of modules to leave out of the matches.
+        name: the delta's name, i.e. the child-module name on each target. Defaults to the
+            method name, or ``<method>_2``, ... when that is taken.
+    """
+
+    method: ClassVar[str] = ""
+    supported_types: ClassVar[str] = ""
+
+    targets: str | list[str] | None = None
+    exclude: list[str] = field(default_factory=list)
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.targets is not None:
+            self.targets = list(normalize_patterns(self.targets))
+        self.exclude = list(normalize_patterns(self.exclude))
+        if self.name is not None and (not self.name.isidentifier() or "." in self.name):
+            raise DeltaConfigError(f"delta name {self.name!r} must be a Python identifier, e.g. 'lora_task_a'")
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises :class:`DeltaConfigError` for out-of-range hyper-parameters."""
+
+    def supports(self, module: nn.Module) -> bool:
+        """Whether this method can attach to ``module``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement supports()")
+
+    def build(self, module: nn.Module) -> Delta:
+        """A new, unattached delta for ``module``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement build()")
+
+    def preset(self, model: nn.Module) -> list[str]:
+        """Targets used when ``targets`` is ``None``: the attention projections of the model type."""
+        kind = model_type(model)
+        if kind not in ATTENTION_PRESETS:
+            raise TargetError(
+                f"{self.method!r} has no preset for model type {kind!r}: pass targets explicitly, e.g."
+                f" targets=['query', 'value'] or targets='all-linear'. {preset_hint()}"
+            )
+        return list(ATTENTION_PRESETS[kind])
+
+    def hparams(self) -> dict[str, Any]:
+        """The method's own hyper-parameters (everything but targets, exclude and name)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _COMMON_FIELDS}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable description; ``config_from_dict`` inverts it."""
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    @classmethod
+    def check_range(cls, name: str, value: Any, ok: bool, expected: str) -> None:
+        """Raises a :class:`DeltaConfigError` naming the hyper-parameter, its value and the valid range."""
+        if not ok:
+            raise DeltaConfigError(f"{cls.method}: {name}={value!r} is invalid; {name} must be {expected}")
+
+
+class Delta(nn.Module):
+    """Base class of delta modules.
+
+    Subclasses implement :meth:`forward` as ``(target input, target output) -> new output``
+    and, where the method allows, :meth:`merge` / :meth:`unmerge`.
+    """
+
+    mergeable: ClassVar[bool] = False
+
+    def __init__(self, config: DeltaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.merged = False
+
+    def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward_hook(self, target: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        """Forward hook installed on the target: applies the delta unless it is merged."""
+        if self.merged:
+            return output
+        x = args[0] if args else next(iter(kwargs.values()))
+        return self(x, output)
+
+    def hook_into(self, target: nn.Module) -> None:
+        """Installs :meth:`forward_hook` on ``target``."""
+        target.register_forward_hook(self.forward_hook, with_kwargs=True)
+
+    def unhook_from(self, target: nn.Module) -> None:
+        """Removes every hook this delta installed on ``target``."""
+        mine = [k for k, hook in target._forward_hooks.items() if getattr(hook, "__self__", None) is self]
+        for key in mine:
+            del target._forward_hooks[key]
+            target._forward_hooks_with_kwargs.pop(key, None)
+            target._forward_hooks_always_called.pop(key, None)
+
+    def merge_blocker(self, target: nn.Module) -> str | None:
+        """Why this delta cannot be merged into ``target``, or ``None`` if it can."""
+        return None if self.mergeable else f"{self.config.method!r} has no merge"
+
+    def merge(self, target: nn.Module) -> None:
+        """Folds the delta into the target's weights (inference then runs at base speed)."""
+        raise MergeError(self.merge_blocker(target) or f"{type(self).__name__} does not implement merge")
+
+    def unmerge(self, target: nn.Module) -> None:
+        """Undoes :meth:`merge`."""
+        raise MergeError(self.merge_blocker(target) or f"{type(self).__name__} does not implement unmerge")
+
+
+def delta_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype of a new delta tensor for a target with ``weight``: fp32 under a half-precision backbone."""
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+@dataclass(frozen=True)
+class AttachedDelta:
+    """One delta module in a model: where it sits and what it changes."""
+
+    path: str  #: dotted name of the delta module itself
+    target_path: str  #: dotted name of the module it changes
+    name: str  #: the delta's name (the last component of ``path``)
+    module: Delta
+
+
+def iter_deltas(model: nn.Module, name: str | None = None) -> Iterator[AttachedDelta]:
+    """Every delta attached to ``model`` (optionally only those called ``name``), in model order."""
+    for path, module in model.named_modules():
+        if isinstance(module, Delta):
+            target_path, _, delta_name = path.rpartition(".")
+            if name is None or delta_name == name:
+                yield AttachedDelta(path, target_path, delta_name, module)
+
+
+def _free_name(model: nn.Module, config: DeltaConfig) -> str:
+    taken = {d.name for d in iter_deltas(model)}
+    if config.name is not None:
+        if config.name in taken:
+            raise DeltaConfigError(
+                f"a delta named {config.name!r} is already attached; give the new one another name"
+                f" (name='{config.name}_2') or detach the old one first"
+            )
+        return config.name
+    name, n = config.method, 1
+    while name in taken:
+        n += 1
+        name = f"{config.method}_{n}"
+    return name
+
+
+def attach_config(model: nn.Module, config: DeltaConfig) -> str:
+    """Attaches one delta described by ``config`` to ``model``; returns the delta's name.
+
+    Every target is resolved and every delta built before the model is touched, so a
+    failure leaves the model as it was.
+    """
+    patterns = config.preset(model) if config.targets is None else config.targets
+    names = resolve_targets(
+        model,
+        patterns,
+        config.supports,
+        exclude=config.exclude,
+        method=config.method,
+        supported_types=config.supported_types,
+    )
+    name = _free_name(model, config)
+    built: list[tuple[nn.Module, Delta]] = []
+    for target_name in names:
+        target = model.get_submodule(target_name)
+        if hasattr(target, name):
+            raise DeltaConfigError(
+                f"{target_name!r} already has an attribute {name!r}; pass another delta name, e.g. name='{name}_delta'"
+            )
+        built.append((target, config.build(target)))
+    config = dataclasses.replace(config, name=name)
+    for target, delta in built:
+        delta.config = config
+        target.add_module(name, delta)
+        delta.hook_into(target)
+    return name
+
+
+def detach_delta(model: nn.Module, name: str) -> None:
+    """Removes every module of the delta ``name``, unmerging first; the backbone is as before attach."""
+    found = list(iter_deltas(model, name))
+    if not found:
+        names = sorted({d.name for d in iter_deltas(model)})
+        raise DeltaError(f"no delta named {name!r} is attached; attached deltas: {names or 'none'}")
+    for d in found:
+        target = model.get_submodule(d.target_path)
+        if d.module.merged:
+            d.module.unmerge(target)
+        d.module.unhook_from(target)
+        delattr(target, d.name)
+
+
+def check_merge(model: nn.Module, deltas: Iterable[AttachedDelta]) -> None:
+    """Raises :class:`MergeError` naming every delta that cannot merge, before anything is merged."""
+    blocked = [
+        f"{d.path} ({reason})"
+        for d in deltas
+        if (reason := d.module.merge_blocker(model.get_submodule(d.target_path))) is not None
+    ]
+    if blocked:
+        raise MergeError(
+            f"cannot merge {len(blocked)} delta module(s): {', '.join(blocked[:5])}."
+            " Merge only deltas that support it: merge(names=[...])"
+        )

@@ -1,0 +1,226 @@
+"""``attach()`` and the :class:`DeltaModel` handle.
+
+The handle holds nothing but the model: which deltas exist, their configs and merge
+state are read off the delta modules themselves, so a deep-copied or unpickled model
+gives a correct handle again with ``DeltaModel(model)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_delta.core import AttachedDelta, DeltaConfig, attach_config, check_merge, detach_delta, iter_deltas
+from lightning_delta.errors import DeltaConfigError
+from lightning_delta.methods import make_config
+from lightning_delta.state import TRAINABLE_ATTR, kept_keys, load_into, state_tensors, trainable_module_names
+from lightning_delta.targets import normalize_patterns
+
+MethodSpec = str | DeltaConfig
+
+
+@dataclass(frozen=True)
+class DeltaSummary:
+    """Parameter counts of a model with deltas."""
+
+    total: int  #: all parameters, backbone and deltas
+    trainable: int  #: parameters that require grad
+    delta: int  #: parameters of delta modules
+    per_delta: dict[str, int]  #: delta parameters by delta name
+
+    def __str__(self) -> str:
+        def pct(n: int) -> str:
+            return f"{100 * n / self.total:.3f}%" if self.total else "n/a"
+
+        parts = ", ".join(f"{name}: {n:,}" for name, n in self.per_delta.items()) or "none"
+        return (
+            f"trainable {self.trainable:,} of {self.total:,} parameters ({pct(self.trainable)});"
+            f" delta {self.delta:,} ({pct(self.delta)}) [{parts}]"
+        )
+
+
+def to_configs(method: MethodSpec | Sequence[MethodSpec], targets: Any, exclude: Any, name: Any, hparams: dict) -> list[DeltaConfig]:
+    """Normalises ``attach``-style arguments into configs (a list of specs takes no extra arguments)."""
+    if isinstance(method, (list, tuple)):
+        if targets is not None or exclude or name is not None or hparams:
+            raise DeltaConfigError(
+                "with a list of delta specs, give targets and hyper-parameters inside each spec,"
+                " e.g. [LoraConfig(r=8, targets=['query']), BitFitConfig()]"
+            )
+        return [make_config(m) for m in method]
+    overrides = dict(hparams)
+    if targets is not None:
+        overrides["targets"] = targets
+    if exclude:
+        overrides["exclude"] = list(normalize_patterns(exclude))
+    if name is not None:
+        overrides["name"] = name
+    return [make_config(method, **overrides)]
+
+
+class DeltaModel:
+    """A view of a model with deltas attached: counts, state, freezing, merging, detaching.
+
+    Args:
+        model: any ``nn.Module``, with or without deltas attached.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    # -- what is attached -------------------------------------------------------------------
+    def deltas(self, name: str | None = None) -> list[AttachedDelta]:
+        """Every attached delta module (only those of delta ``name`` if given)."""
+        return list(iter_deltas(self.model, name))
+
+    @property
+    def configs(self) -> dict[str, DeltaConfig]:
+        """The config of each attached delta, by delta name, in attach order."""
+        return {d.name: d.module.config for d in self.deltas()}
+
+    @property
+    def merged(self) -> bool:
+        """Whether every attached delta module is merged (read off the modules)."""
+        found = self.deltas()
+        return bool(found) and all(d.module.merged for d in found)
+
+    def attach(
+        self,
+        method: MethodSpec | Sequence[MethodSpec],
+        targets: str | Iterable[str] | None = None,
+        exclude: str | Iterable[str] = (),
+        name: str | None = None,
+        **hparams: Any,
+    ) -> DeltaModel:
+        """Attaches more deltas; see :func:`attach`. On any error the model is left as it was."""
+        attached: list[str] = []
+        try:
+            for config in to_configs(method, targets, exclude, name, hparams):
+                attached.append(attach_config(self.model, config))
+        except Exception:
+            for delta_name in attached:
+                detach_delta(self.model, delta_name)
+            raise
+        return self
+
+    def detach(self, name: str | None = None) -> nn.Module:
+        """Removes delta ``name`` (all deltas if ``None``); returns the model, as it was before attach."""
+        for delta_name in [name] if name is not None else list(self.configs):
+            detach_delta(self.model, delta_name)
+        return self.model
+
+    # -- parameters and state ---------------------------------------------------------------
+    def delta_parameters(self) -> list[nn.Parameter]:
+        """The parameters of every delta module, each once."""
+        seen: dict[int, nn.Parameter] = {}
+        for d in self.deltas():
+            for p in d.module.parameters():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def freeze_backbone(self, trainable: str | Iterable[str] = ()) -> DeltaModel:
+        """Freezes every parameter but the deltas' and those of modules matching ``trainable``.
+
+        Args:
+            trainable: patterns (as for targets) of extra modules to train whole, e.g. ``"classifier"``.
+
+        Raises:
+            TargetError: a ``trainable`` pattern matches no module.
+        """
+        patterns = normalize_patterns(trainable)
+        keep = {id(p) for p in self.delta_parameters()}
+        for module_name in trainable_module_names(self.model, patterns):
+            keep.update(id(p) for p in self.model.get_submodule(module_name).parameters())
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in keep)
+        setattr(self.model, TRAINABLE_ATTR, patterns)
+        return self
+
+    def delta_state_dict(self) -> dict[str, torch.Tensor]:
+        """Delta tensors, tensors of ``trainable`` modules and other parameters that require grad, detached."""
+        keys = kept_keys(self.model)
+        return {k: t.detach() for k, t in state_tensors(self.model).items() if k in keys}
+
+    def load_delta_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Loads what :meth:`delta_state_dict` returned, casting dtype and device.
+
+        Raises:
+            DeltaStateError: unknown keys, shape mismatches, frozen backbone keys (a full state
+                dict), or, with ``strict``, missing delta keys. Nothing is loaded then.
+        """
+        load_into(self.model, state_dict, kept_keys(self.model), strict=strict)
+
+    # -- merging ----------------------------------------------------------------------------
+    def _selected(self, names: str | Iterable[str] | None) -> list[AttachedDelta]:
+        if names is None:
+            return self.deltas()
+        wanted = list(normalize_patterns(names))
+        unknown = [n for n in wanted if n not in self.configs]
+        if unknown:
+            raise DeltaConfigError(f"no delta named {unknown}; attached: {list(self.configs)}")
+        return [d for d in self.deltas() if d.name in wanted]
+
+    def merge(self, names: str | Iterable[str] | None = None) -> DeltaModel:
+        """Folds deltas into the backbone weights; checks every one can merge before touching any."""
+        selected = self._selected(names)
+        check_merge(self.model, selected)
+        for d in selected:
+            d.module.merge(self.model.get_submodule(d.target_path))
+        return self
+
+    def unmerge(self, names: str | Iterable[str] | None = None) -> DeltaModel:
+        """Undoes :meth:`merge`."""
+        for d in self._selected(names):
+            d.module.unmerge(self.model.get_submodule(d.target_path))
+        return self
+
+    # -- reporting --------------------------------------------------------------------------
+    def summary(self) -> DeltaSummary:
+        """Total, trainable and delta parameter counts."""
+        params = dict((id(p), p) for p in self.model.parameters())
+        per_delta: dict[str, int] = {}
+        for d in self.deltas():
+            per_delta[d.name] = per_delta.get(d.name, 0) + sum(p.numel() for p in d.module.parameters())
+        return DeltaSummary(
+            total=sum(p.numel() for p in params.values()),
+            trainable=sum(p.numel() for p in params.values() if p.requires_grad),
+            delta=sum(per_delta.values()),
+            per_delta=per_delta,
+        )
+
+    def __repr__(self) -> str:
+        return f"DeltaModel({type(self.model).__name__}, {self.summary()})"
+
+
+def attach(
+    model: nn.Module,
+    method: MethodSpec | Sequence[MethodSpec],
+    targets: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] = (),
+    name: str | None = None,
+    **hparams: Any,
+) -> DeltaModel:
+    """Attaches delta modules to ``model`` without changing its code or its parameter names.
+
+    Args:
+        model: any ``nn.Module`` (a transformers model gets presets from ``config.model_type``).
+        method: a method name (``"lora"``, ``"bitfit"``), a config (``LoraConfig(r=4)``), or a
+            list of configs to attach several deltas at once.
+        targets: target patterns; ``None`` uses the method's preset for the model type.
+        exclude: patterns of matched modules to leave out.
+        name: the delta's name; defaults to the method name (``lora_2``, ... when taken).
+        **hparams: the method's hyper-parameters, e.g. ``r=8, alpha=16``.
+
+    Returns:
+        A :class:`DeltaModel` handle. The backbone is not frozen: call ``freeze_backbone()``.
+
+    Raises:
+        DeltaConfigError: unknown method or hyper-parameter, or a value out of range.
+        TargetError: a target matches nothing, or everything it matches is excluded.
+        UnsupportedModuleError: a target is of a type the method cannot handle.
+    """
+    return DeltaModel(model).attach(method, targets, exclude, name, **hparams)

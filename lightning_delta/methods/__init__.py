@@ -1,0 +1,43 @@
+"""The method registry: one line per method, mapping its name to its config class."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from lightning_delta.core import DeltaConfig
+from lightning_delta.errors import DeltaConfigError
+from lightning_delta.methods.bitfit import BitFitConfig
+from lightning_delta.methods.lora import LoraConfig
+
+METHODS: dict[str, type[DeltaConfig]] = {
+    LoraConfig.method: LoraConfig,
+    BitFitConfig.method: BitFitConfig,
+}
+
+
+def make_config(method: str | DeltaConfig, **kwargs: Any) -> DeltaConfig:
+    """A config from a method name and keyword hyper-parameters, or a copy of a given config.
+
+    Raises:
+        DeltaConfigError: unknown method, unknown hyper-parameter or out-of-range value.
+    """
+    if isinstance(method, DeltaConfig):
+        return dataclasses.replace(method, **kwargs) if kwargs else method
+    if not isinstance(method, str) or method.lower() not in METHODS:
+        raise DeltaConfigError(f"unknown delta method {method!r}; known methods: {', '.join(sorted(METHODS))}")
+    cls = METHODS[method.lower()]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise DeltaConfigError(
+            f"{cls.method} has no hyper-parameter {', '.join(map(repr, unknown))}; valid ones: {', '.join(sorted(known))}"
+        )
+    return cls(**kwargs)
+
+
+def config_from_dict(data: Mapping[str, Any]) -> DeltaConfig:
+    """Inverse of :meth:`DeltaConfig.to_dict`."""
+    data = dict(data)
+    return make_config(data.pop("method", None), **data)

@@ -1,0 +1,227 @@
+"""Delta-only state: which tensors a delta checkpoint holds, loading them safely, and fingerprints.
+
+A *kept* tensor is one a delta checkpoint must hold: a delta's own tensors, every
+tensor of a module made trainable with ``freeze_backbone(trainable=...)``, and any
+other parameter that requires grad. Everything else in the backbone is frozen and
+comes back from the backbone's pretrained source.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_delta.core import iter_deltas
+from lightning_delta.errors import CheckpointReadError, DeltaStateError, TargetError
+from lightning_delta.targets import candidate_modules, matches
+
+#: Attribute of a model that records its ``trainable`` module patterns.
+TRAINABLE_ATTR = "_lightning_delta_trainable"
+_SAMPLED_TENSORS = 4
+_SAMPLES_PER_TENSOR = 16
+
+
+def state_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors ``module.state_dict()`` would hold, by key, without running any state-dict hook."""
+    out: dict[str, torch.Tensor] = {}
+    for path, sub in module.named_modules(remove_duplicate=False):
+        prefix = path + "." if path else ""
+        for name, param in sub._parameters.items():
+            if param is not None:
+                out[prefix + name] = param
+        for name, buf in sub._buffers.items():
+            if buf is not None and name not in sub._non_persistent_buffers_set:
+                out[prefix + name] = buf
+    return out
+
+
+def trainable_module_names(model: nn.Module, patterns: Iterable[str]) -> list[str]:
+    """Module names addressed by ``trainable`` patterns; a pattern matching nothing is an error."""
+    names = [n for n, _ in candidate_modules(model)]
+    found: list[str] = []
+    for pattern in patterns:
+        hits = [n for n in names if matches(n, pattern)]
+        if not hits:
+            tails = sorted({n.rsplit(".", 1)[-1] for n in names})[:20]
+            raise TargetError(
+                f"trainable pattern {pattern!r} matches no module; module names end in e.g. {tails}."
+                " Use a module name such as 'classifier' (suffix) or 're:<regex>'"
+            )
+        found.extend(h for h in hits if h not in found)
+    return found
+
+
+def _under(key: str, paths: Iterable[str]) -> bool:
+    return any(key.startswith(p + ".") for p in paths)
+
+
+def kept_keys(model: nn.Module) -> set[str]:
+    """Keys of ``model.state_dict()`` that a delta checkpoint of ``model`` holds."""
+    owners = [d.path for d in iter_deltas(model)]
+    owners += trainable_module_names(model, getattr(model, TRAINABLE_ATTR, ()))
+    return {
+        key
+        for key, tensor in state_tensors(model).items()
+        if (isinstance(tensor, nn.Parameter) and tensor.requires_grad) or _under(key, owners)
+    }
+
+
+def check_fit(
+    state_dict: Mapping[str, torch.Tensor],
+    model_tensors: Mapping[str, torch.Tensor],
+    expected: set[str],
+    *,
+    strict: bool,
+    allow_frozen: bool,
+) -> None:
+    """Raises :class:`DeltaStateError` if ``state_dict`` does not fit a model.
+
+    Args:
+        state_dict: what is being loaded.
+        model_tensors: the model's tensors by key (:func:`state_tensors`).
+        expected: the keys a delta checkpoint must hold (:func:`kept_keys`).
+        strict: whether a missing expected key is an error.
+        allow_frozen: whether keys of frozen backbone tensors may be present (a full checkpoint).
+    """
+    unexpected = [k for k in state_dict if k not in model_tensors]
+    if unexpected:
+        raise DeltaStateError(
+            f"the checkpoint does not fit this model: {len(unexpected)} of its tensors have no place in it,"
+            f" first: {unexpected[:5]}. It was saved from another backbone, or with other delta methods,"
+            " targets or names; attach the same deltas to the same backbone before loading"
+        )
+    mismatched = [
+        f"{k} (checkpoint {tuple(v.shape)}, model {tuple(model_tensors[k].shape)})"
+        for k, v in state_dict.items()
+        if tuple(v.shape) != tuple(model_tensors[k].shape)
+    ]
+    if mismatched:
+        raise DeltaStateError(
+            f"the checkpoint does not fit this model: {len(mismatched)} tensors differ in shape, first:"
+            f" {mismatched[:5]}. It was saved from a backbone of another size or with other hyper-parameters (r?)"
+        )
+    frozen = [k for k in state_dict if k not in expected]
+    if frozen and not allow_frozen:
+        raise DeltaStateError(
+            f"the state dict holds {len(frozen)} frozen backbone tensors (first: {frozen[:3]}): it is a full"
+            " checkpoint, not a delta one. Load it with model.load_state_dict(...) instead"
+        )
+    missing = sorted(expected.difference(state_dict))
+    if strict and missing:
+        kind = " It holds backbone weights: it is a full checkpoint, not a delta one." if frozen else ""
+        raise DeltaStateError(
+            f"the checkpoint lacks {len(missing)} delta/trainable tensors this model has, first: {missing[:5]}."
+            f"{kind} Was it saved from a backbone with fewer layers, or with other targets? Pass strict=False"
+            " only if those tensors should keep their initial values"
+        )
+
+
+def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], expected: set[str], *, strict: bool) -> None:
+    """Checks ``state_dict`` against ``model`` (see :func:`check_fit`), then copies it in.
+
+    Dtype and device differences are cast away; nothing is copied if any check fails.
+    """
+    tensors = state_tensors(model)
+    check_fit(state_dict, tensors, expected, strict=strict, allow_frozen=False)
+    with torch.no_grad():
+        for key, value in state_dict.items():
+            tensors[key].copy_(value)
+
+
+def _samples(tensor: torch.Tensor) -> list[float]:
+    flat = tensor.detach().reshape(-1)
+    n = min(_SAMPLES_PER_TENSOR, flat.numel())
+    index = torch.linspace(0, flat.numel() - 1, n).long().to(flat.device)
+    return [float(v) for v in flat[index].float().cpu()]
+
+
+def fingerprint(model: nn.Module) -> dict[str, Any]:
+    """A cheap description of a backbone: names and shapes of its own tensors, its source, a few values.
+
+    Delta tensors are left out; values are sampled from frozen floating-point parameters only
+    (trainable ones change in training), so the fingerprint is stable while training.
+    """
+    delta_paths = [d.path for d in iter_deltas(model)]
+    tensors = {k: t for k, t in state_tensors(model).items() if not _under(k, delta_paths)}
+    frozen = [
+        k
+        for k, t in tensors.items()
+        if isinstance(t, nn.Parameter) and not t.requires_grad and t.is_floating_point() and t.device.type != "meta"
+    ]
+    last = len(frozen) - 1
+    picks = [frozen[round(i * last / (_SAMPLED_TENSORS - 1))] for i in range(_SAMPLED_TENSORS)] if frozen else []
+    config = getattr(model, "config", None)
+    return {
+        "class": type(model).__name__,
+        "source": getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None,
+        "shapes": {k: list(t.shape) for k, t in tensors.items()},
+        "samples": {k: _samples(tensors[k]) for k in dict.fromkeys(picks)},
+    }
+
+
+def compare_fingerprint(recorded: Mapping[str, Any], model: nn.Module) -> list[str]:
+    """Checks a recorded fingerprint against ``model``.
+
+    Returns:
+        Warnings about sampled values that differ (other pretrained weights, legitimately or not).
+
+    Raises:
+        DeltaStateError: tensor names or shapes differ (another architecture or size).
+    """
+    delta_paths = [d.path for d in iter_deltas(model)]
+    tensors = {k: t for k, t in state_tensors(model).items() if not _under(k, delta_paths)}
+    shapes = recorded.get("shapes", {})
+    problems = [f"{k}: missing from this model" for k in shapes if k not in tensors]
+    problems += [f"{k}: not in the checkpoint's backbone" for k in tensors if k not in shapes]
+    problems += [
+        f"{k}: shape {tuple(tensors[k].shape)} here, {tuple(s)} in the checkpoint's backbone"
+        for k, s in shapes.items()
+        if k in tensors and list(tensors[k].shape) != list(s)
+    ]
+    if problems:
+        raise DeltaStateError(
+            f"the checkpoint was made for another backbone ({recorded.get('class')} from"
+            f" {recorded.get('source')!r}); {len(problems)} tensors differ, first: {problems[:5]}."
+            " Build the backbone the checkpoint names, then load the delta"
+        )
+    differ = [
+        k
+        for k, values in recorded.get("samples", {}).items()
+        if not all(math.isclose(a, b, rel_tol=2e-2, abs_tol=1e-3) for a, b in zip(values, _samples(tensors[k])))
+    ]
+    if differ:
+        return [
+            f"backbone weights differ from those the delta was trained on ({recorded.get('source')!r}), e.g. in"
+            f" {differ[:3]}: names and shapes fit, but the delta may not work as trained on these weights"
+        ]
+    return []
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Reads a ``.ckpt`` / ``.pt`` file with ``torch.load(weights_only=True)``.
+
+    Raises:
+        CheckpointReadError: missing, truncated or corrupt file, or one that needs full unpickling.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointReadError(f"no checkpoint file at {str(path)!r}")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointReadError(
+            f"{str(path)!r} holds Python objects beyond tensors and plain containers; lightning_delta refuses to"
+            " unpickle it. If you trust the file, read it yourself with torch.load(path, weights_only=False)"
+            f" and pass the dict ({str(err).splitlines()[0]})"
+        ) from err
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as err:
+        raise CheckpointReadError(f"cannot read {str(path)!r}: the file is truncated or corrupt ({err})") from err
+    if not isinstance(data, dict):
+        raise CheckpointReadError(f"{str(path)!r} holds a {type(data).__name__}, not a checkpoint dict")
+    return data

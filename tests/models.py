@@ -1,0 +1,76 @@
+"""Tiny models for tests: transformers families built from configs, and a plain nn.Module."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def tiny_bert(num_labels: int = 2, layers: int = 2, dropout: float = 0.0, hidden: int = 32):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=99, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+        intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=num_labels,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+    )
+    return BertForSequenceClassification(config)
+
+
+def tiny_gpt2(layers: int = 2):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=99, n_embd=32, n_layer=layers, n_head=2, n_positions=64,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config)
+
+
+def tiny_llama(layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config)
+
+
+def tiny_t5(layers: int = 2):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=99, d_model=32, d_kv=16, d_ff=64, num_layers=layers, num_heads=2,
+                      dropout_rate=0.0, decoder_start_token_id=0)
+    return T5ForConditionalGeneration(config)
+
+
+FAMILIES = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama, "t5": tiny_t5}
+
+
+def family_inputs(family: str, batch: int = 2, seq: int = 6) -> dict:
+    ids = torch.randint(1, 99, (batch, seq), generator=torch.Generator().manual_seed(1))
+    if family == "t5":
+        return {"input_ids": ids, "decoder_input_ids": ids[:, :4]}
+    return {"input_ids": ids}
+
+
+def family_output(model, inputs) -> torch.Tensor:
+    return model(**inputs).logits
+
+
+class PlainNet(nn.Module):
+    """A model that owes nothing to transformers: embedding, conv, norm and linear layers."""
+
+    def __init__(self, vocab: int = 50, dim: int = 16, classes: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.conv = nn.Conv2d(1, 4, kernel_size=3, padding=1)
+        self.norm = nn.LayerNorm(dim)
+        self.body = nn.Sequential(nn.Linear(dim * 4, dim), nn.GELU(), nn.Linear(dim, dim, bias=False))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.embed(ids))  # (N, L, D)
+        x = self.conv(x.unsqueeze(1)).mean(2)  # (N, 4, D)
+        return self.head(self.body(x.flatten(1)))
+
+
+def plain_inputs(batch: int = 3, seq: int = 5) -> torch.Tensor:
+    return torch.randint(0, 50, (batch, seq), generator=torch.Generator().manual_seed(2))
