@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from lightning_delta.callback import DeltaCallback, find_backbone, trainable_parameters  # noqa: E402
-from lightning_delta.checkpoint import DeltaCheckpointHooks, load_delta  # noqa: E402
+from lightning_delta.checkpoint import DeltaCheckpointHooks, attach_from_checkpoint, load_delta  # noqa: E402
 from lightning_delta.core import Delta, DeltaConfig  # noqa: E402
 from lightning_delta.errors import (  # noqa: E402
     CheckpointReadError,
@@ -38,6 +38,7 @@ __all__ = [
     "TargetError",
     "UnsupportedModuleError",
     "attach",
+    "attach_from_checkpoint",
     "find_backbone",
     "load_delta",
     "make_config",

@@ -13,9 +13,9 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_delta.checkpoint import META_KEY, DeltaCheckpointHooks, checkpoint_metadata, spec_differences
-from lightning_delta.core import DeltaConfig, attach_config
+from lightning_delta.core import DeltaConfig
 from lightning_delta.errors import DeltaConfigError, DeltaStateError
-from lightning_delta.handle import DeltaModel, to_configs
+from lightning_delta.handle import DeltaModel, ensure_attached, to_configs
 from lightning_delta.state import compare_fingerprint
 from lightning_delta.targets import normalize_patterns
 
@@ -97,22 +97,12 @@ class DeltaCallback(Callback):
             ) from err
         return self._module
 
-    def _attach(self, backbone: nn.Module) -> DeltaModel:
-        """Attaches what is not attached yet (setup runs for every stage); checks what is."""
-        handle = DeltaModel(backbone)
-        for config in self._configs:
-            name = config.name or config.method
-            have = handle.configs.get(name)
-            if have is None:
-                attach_config(backbone, config)
-            elif spec_differences([config.to_dict() | {"name": name}], {name: have}):
-                raise DeltaConfigError(f"delta {name!r} is already attached with other settings: {have}")
-        return handle.freeze_backbone(self._trainable)
-
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         path = self.backbone_path(pl_module)
-        handle = self._attach(pl_module.get_submodule(path))
+        backbone = pl_module.get_submodule(path)
+        ensure_attached(backbone, self._configs)  # setup runs for every stage: attach once
+        handle = DeltaModel(backbone).freeze_backbone(self._trainable)
         DeltaCheckpointHooks.install(pl_module, path)
         rank_zero_info(f"lightning_delta: {handle.summary()}")
 

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from lightning_delta import __version__
-from lightning_delta.core import DeltaConfig, attach_config, detach_delta
+from lightning_delta.core import DeltaConfig, detach_delta
 from lightning_delta.errors import DeltaStateError
-from lightning_delta.handle import DeltaModel
+from lightning_delta.handle import DeltaModel, ensure_attached
 from lightning_delta.methods import config_from_dict
 from lightning_delta.state import (
     TRAINABLE_ATTR,
@@ -150,6 +150,7 @@ def load_delta(
     map_location: Any = "cpu",
     specs: Sequence[DeltaConfig] | None = None,
     trainable: Iterable[str] | None = None,
+    module: str | None = None,
 ) -> DeltaModel:
     """Attaches the deltas a checkpoint records to ``model`` and loads their weights.
 
@@ -163,6 +164,8 @@ def load_delta(
         map_location: passed to ``torch.load``.
         specs: delta configs to attach, for files without a delta record (``save_weights_only=True``).
         trainable: trainable module patterns, for files without a delta record.
+        module: dotted path of the backbone inside ``model``, for files without a delta record
+            (default: ``model`` itself).
 
     Returns:
         The :class:`DeltaModel` of the backbone, frozen but for deltas and trainable modules.
@@ -184,20 +187,15 @@ def load_delta(
         specs = [config_from_dict(s) for s in meta["specs"]]
     if trainable is None:
         trainable = meta["trainable"] if meta else ()
-    backbone, prefix, state = _locate_backbone(model, meta["backbone"] if meta else "", state)
+    backbone, prefix, state = _locate_backbone(model, meta["backbone"] if meta else module or "", state)
     notes = compare_fingerprint(meta["fingerprint"], backbone) if meta else []
 
-    handle = DeltaModel(backbone)
     grads = {p: p.requires_grad for p in model.parameters()}
+    recorded_trainable = backbone.__dict__.get(TRAINABLE_ATTR)
     added: list[str] = []
     try:
-        for spec in specs:
-            have = handle.configs.get(spec.name) if spec.name else None
-            if have is None:
-                added.append(attach_config(backbone, spec))
-            elif spec_differences([spec.to_dict()], {spec.name: have}):
-                raise DeltaStateError(f"delta {spec.name!r} is attached with {have}, the checkpoint has {spec}")
-        handle.freeze_backbone(trainable)
+        added = ensure_attached(backbone, specs)
+        handle = DeltaModel(backbone).freeze_backbone(trainable)
         expected = {prefix + k for k in kept_keys(backbone)}
         if prefix:
             expected |= {k for k in state_tensors(model) if not k.startswith(prefix)}
@@ -207,7 +205,35 @@ def load_delta(
             detach_delta(backbone, name)
         for p, flag in grads.items():
             p.requires_grad_(flag)
+        if recorded_trainable is None:
+            backbone.__dict__.pop(TRAINABLE_ATTR, None)
+        else:
+            backbone.__dict__[TRAINABLE_ATTR] = recorded_trainable
         raise
     for note in notes:
         warnings.warn(note, stacklevel=2)
+    return handle
+
+
+def attach_from_checkpoint(root: nn.Module, checkpoint: Mapping[str, Any]) -> DeltaModel:
+    """Attaches the deltas a checkpoint dict records and makes ``root`` accept delta-only state dicts.
+
+    Call it from ``LightningModule.on_load_checkpoint`` so that ``Model.load_from_checkpoint(path)``
+    rebuilds the backbone from its pretrained source in ``__init__`` and loads the delta on top
+    (``load_from_checkpoint`` runs no callbacks). Idempotent: during a resume the
+    ``DeltaCallback`` has attached the same deltas already.
+
+    Raises:
+        DeltaStateError: the checkpoint has no delta record.
+    """
+    meta = checkpoint.get(META_KEY)
+    if meta is None:
+        raise DeltaStateError(
+            "the checkpoint has no lightning_delta record (written with save_weights_only=True or without"
+            " DeltaCallback): use load_delta(model, path, specs=[...]) instead"
+        )
+    backbone = root.get_submodule(meta["backbone"])
+    ensure_attached(backbone, [config_from_dict(s) for s in meta["specs"]])
+    handle = DeltaModel(backbone).freeze_backbone(meta["trainable"])
+    DeltaCheckpointHooks.install(root, meta["backbone"])
     return handle

@@ -62,6 +62,28 @@ def to_configs(method: MethodSpec | Sequence[MethodSpec], targets: Any, exclude:
     return [make_config(method, **overrides)]
 
 
+def ensure_attached(model: nn.Module, configs: Iterable[DeltaConfig]) -> list[str]:
+    """Attaches each config whose delta name is not attached yet; returns the names it attached.
+
+    A delta already attached under a config's name must have the same method and
+    hyper-parameters, so calling this again (e.g. ``setup`` for every stage) is a no-op.
+
+    Raises:
+        DeltaConfigError: a delta of that name is attached with other settings.
+    """
+    added: list[str] = []
+    for config in configs:
+        name = config.name or config.method
+        have = DeltaModel(model).configs.get(name)
+        if have is None:
+            added.append(attach_config(model, config))
+        elif (have.method, have.hparams()) != (config.method, config.hparams()):
+            raise DeltaConfigError(
+                f"delta {name!r} is already attached as {have}, not as {config}; detach it first or pick another name"
+            )
+    return added
+
+
 class DeltaModel:
     """A view of a model with deltas attached: counts, state, freezing, merging, detaching.
 

@@ -137,7 +137,7 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], expected
 def _samples(tensor: torch.Tensor) -> list[float]:
     flat = tensor.detach().reshape(-1)
     n = min(_SAMPLES_PER_TENSOR, flat.numel())
-    index = torch.linspace(0, flat.numel() - 1, n).long().to(flat.device)
+    index = (torch.arange(n) * (flat.numel() - 1) // max(n - 1, 1)).to(flat.device)
     return [float(v) for v in flat[index].float().cpu()]
 
 

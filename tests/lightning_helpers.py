@@ -1,0 +1,64 @@
+"""A tiny LightningModule around a transformers classifier, loaded from a local 'pretrained' folder."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_delta import attach_from_checkpoint, trainable_parameters
+from models import tiny_bert
+
+
+def save_pretrained_bert(path, layers: int = 2, hidden: int = 32, seed: int = 0) -> str:
+    torch.manual_seed(seed)
+    tiny_bert(layers=layers, hidden=hidden).save_pretrained(path)
+    return str(path)
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, source: str, lr: float = 0.05):
+        super().__init__()
+        self.save_hyperparameters()
+        from transformers import AutoModelForSequenceClassification
+
+        self.model = AutoModelForSequenceClassification.from_pretrained(source)
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).logits
+
+    def training_step(self, batch, batch_idx):
+        ids, labels = batch
+        loss = self.model(input_ids=ids, labels=labels).loss
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        ids, labels = batch
+        self.log("val_loss", self.model(input_ids=ids, labels=labels).loss)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(trainable_parameters(self), lr=self.hparams.lr)
+
+
+class ReloadableClassifier(Classifier):
+    """The load_from_checkpoint recipe: attach the recorded deltas before the weights are loaded."""
+
+    def on_load_checkpoint(self, checkpoint):
+        attach_from_checkpoint(self, checkpoint)
+
+
+def loader(n: int = 8, batch_size: int = 4, seq: int = 6) -> DataLoader:
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(1, 99, (n, seq), generator=gen)
+    labels = (ids[:, 0] > 50).long()
+    return DataLoader(TensorDataset(ids, labels), batch_size=batch_size, shuffle=False)
+
+
+def trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, default_root_dir=str(tmp_path), max_epochs=1,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **defaults)
