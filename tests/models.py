@@ -47,7 +47,7 @@ FAMILIES = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama, "t5": tin
 def family_inputs(family: str, batch: int = 2, seq: int = 6) -> dict:
     ids = torch.randint(1, 99, (batch, seq), generator=torch.Generator().manual_seed(1))
     if family == "t5":
-        return {"input_ids": ids, "decoder_input_ids": ids[:, :4]}
+        return {"input_ids": ids, "decoder_input_ids": ids[:, :4].clone()}
     return {"input_ids": ids}
 
 
