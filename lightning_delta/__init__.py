@@ -1,8 +1,13 @@
-"""lightning_delta: delta tuning (LoRA, BitFit, ...) for PyTorch Lightning and any ``nn.Module``."""
+"""lightning_delta: delta tuning (LoRA, BitFit, ...) for PyTorch Lightning and any ``nn.Module``.
+
+The engine (``attach``, ``DeltaModel``, methods, state) needs only torch; the Lightning
+callback is imported on first use, so ``import lightning_delta`` does not import Lightning.
+"""
+
+from typing import Any
 
 __version__ = "0.1.0"
 
-from lightning_delta.callback import DeltaCallback, find_backbone, trainable_parameters  # noqa: E402
 from lightning_delta.checkpoint import DeltaCheckpointHooks, attach_from_checkpoint, load_delta  # noqa: E402
 from lightning_delta.core import Delta, DeltaConfig  # noqa: E402
 from lightning_delta.errors import (  # noqa: E402
@@ -14,11 +19,22 @@ from lightning_delta.errors import (  # noqa: E402
     TargetError,
     UnsupportedModuleError,
 )
-from lightning_delta.handle import DeltaModel, DeltaSummary, attach  # noqa: E402
+from lightning_delta.handle import DeltaModel, DeltaSummary, attach, trainable_parameters  # noqa: E402
 from lightning_delta.methods import METHODS, make_config  # noqa: E402
 from lightning_delta.methods.bitfit import BitFitConfig  # noqa: E402
 from lightning_delta.methods.lora import LoraConfig  # noqa: E402
 from lightning_delta.targets import resolve_targets  # noqa: E402
+
+_LIGHTNING_NAMES = {"DeltaCallback", "find_backbone"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LIGHTNING_NAMES:
+        from lightning_delta import callback
+
+        return getattr(callback, name)
+    raise AttributeError(f"module 'lightning_delta' has no attribute {name!r}")
+
 
 __all__ = [
     "METHODS",

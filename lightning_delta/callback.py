@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -124,9 +123,4 @@ class DeltaCallback(Callback):
             )
         for note in compare_fingerprint(meta["fingerprint"], backbone):
             rank_zero_warn(note)
-
-
-def trainable_parameters(module: nn.Module) -> Iterable[nn.Parameter]:
-    """Parameters that require grad: what ``configure_optimizers`` should hand the optimizer."""
-    return [p for p in module.parameters() if p.requires_grad]
 

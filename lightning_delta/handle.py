@@ -62,6 +62,11 @@ def to_configs(method: MethodSpec | Sequence[MethodSpec], targets: Any, exclude:
     return [make_config(method, **overrides)]
 
 
+def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Parameters that require grad: what ``configure_optimizers`` should hand the optimizer."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 def ensure_attached(model: nn.Module, configs: Iterable[DeltaConfig]) -> list[str]:
     """Attaches each config whose delta name is not attached yet; returns the names it attached.
 

@@ -294,3 +294,24 @@ def test_unknown_module_path_is_named(tmp_path):
 def test_bad_hyperparameter_fails_at_construction():
     with pytest.raises(DeltaConfigError, match="r=0"):
         DeltaCallback("lora", r=0)
+
+
+def test_bf16_backbone_has_the_same_fingerprint(source, trained):
+    _, path = trained
+    fresh = Classifier(source).to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_delta(fresh, path)
+
+
+def test_ddp_spawn_pickles_the_module_and_writes_delta_checkpoints(source, tmp_path):
+    module = Classifier(source)
+    t = trainer(tmp_path, [lora_callback(), ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1)],
+                strategy="ddp_spawn", devices=2, max_epochs=2, enable_checkpointing=True)
+    t.fit(module, loader())
+    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
+    ckpt = torch.load(path, weights_only=True)
+    fresh = Classifier(source)
+    load_delta(fresh, path)
+    assert set(ckpt["state_dict"]) == delta_keys(fresh)
+    assert all(v.abs().sum() > 0 for k, v in ckpt["state_dict"].items() if k.endswith("lora.B"))

@@ -191,3 +191,28 @@ def test_attached_model_compiles():
     torch.testing.assert_close(compiled(plain_inputs()), expected)
     handle.merge()
     torch.testing.assert_close(compiled(plain_inputs()), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_engine_imports_neither_lightning_nor_transformers():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, lightning_delta as ld\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(4, 4))\n"
+        "ld.attach(m, 'lora', targets='0', r=2).freeze_backbone()\n"
+        "print(sorted(k for k in ('lightning', 'transformers') if k in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_attach_on_the_meta_device_allocates_nothing():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                             num_attention_heads=4, num_key_value_heads=4, vocab_size=128))
+    handle = attach(model, "lora", r=8).freeze_backbone()
+    assert handle.summary().delta == 4 * 2 * 8 * (256 + 256)
+    assert all(p.device.type == "meta" for p in handle.delta_parameters())

@@ -9,8 +9,8 @@ import torch
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from typing_extensions import override
 
-from lightning_delta.callback import trainable_parameters
 from lightning_delta.checkpoint import META_KEY, attach_from_checkpoint
+from lightning_delta.handle import trainable_parameters
 from lightning_delta.tasks.sources import resolve_source
 
 
