@@ -18,6 +18,13 @@ from lightning_delta.handle import DeltaModel, ensure_attached, to_configs
 from lightning_delta.state import compare_fingerprint
 from lightning_delta.targets import normalize_patterns
 
+try:  # let LightningCLI / jsonargparse accept `class_path: lightning_delta.LoraConfig` for a DeltaConfig
+    from jsonargparse import set_parsing_settings
+
+    set_parsing_settings(subclasses_enabled=[DeltaConfig])
+except (ImportError, TypeError):  # pragma: no cover - jsonargparse missing or too old: Python use still works
+    pass
+
 
 def find_backbone(pl_module: nn.Module) -> str:
     """The dotted path of the one top-level transformers ``PreTrainedModel`` inside ``pl_module``.
@@ -50,6 +57,10 @@ def find_backbone(pl_module: nn.Module) -> str:
 class DeltaCallback(Callback):
     """Attaches deltas to a LightningModule's backbone, freezes the rest and keeps checkpoints delta-only.
 
+    In YAML (``lightning-delta`` or any LightningCLI), give the method as a config so that every
+    hyper-parameter is typed: ``method: {class_path: lightning_delta.LoraConfig, init_args: {r: 8}}``;
+    ``method: lora`` takes the defaults.
+
     Args:
         method: a method name (``"lora"``, ``"bitfit"``), a config (``LoraConfig(r=8)``) or a list of configs.
         targets: target patterns (``None``: the preset for the backbone's ``config.model_type``).
@@ -66,11 +77,11 @@ class DeltaCallback(Callback):
 
     def __init__(
         self,
-        method: str | DeltaConfig | list[DeltaConfig] = "lora",
+        method: DeltaConfig | list[DeltaConfig] | str = "lora",
         targets: str | list[str] | None = None,
-        trainable: str | list[str] = (),
+        trainable: str | list[str] | None = None,
         module: str | None = None,
-        exclude: str | list[str] = (),
+        exclude: str | list[str] | None = None,
         name: str | None = None,
         **hparams: Any,
     ) -> None:

@@ -1,24 +1,45 @@
 """The ``lightning-delta`` command: LightningCLI with fit / validate / test / predict driven by YAML.
 
-Any LightningModule and LightningDataModule can be named with ``class_path``; the delta is
-configured as a ``lightning_delta.DeltaCallback`` under ``trainer.callbacks``.
+The delta has its own top-level section, so every hyper-parameter is typed, shown by
+``--print_config`` and settable from the command line::
+
+    delta:
+      method:
+        class_path: lightning_delta.LoraConfig
+        init_args: {r: 8, alpha: 16, targets: [query, value]}
+      trainable: [classifier]
+
+    lightning-delta fit --config configs/quickstart.yaml --delta.method.init_args.r=4
+
+Model and data are any LightningModule / LightningDataModule named by ``class_path``.
+The tasks in :mod:`lightning_delta.tasks` build their optimizer in ``configure_optimizers``
+from the parameters that require grad, after the deltas exist; LightningCLI's automatic
+``--optimizer`` wiring is therefore off.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from typing_extensions import override
+
+from lightning_delta.callback import DeltaCallback
 
 
 class DeltaCLI(LightningCLI):
-    """LightningCLI that may re-run ``fit`` into the same folder (the saved config is overwritten)."""
+    """LightningCLI with a ``delta:`` section (a :class:`DeltaCallback`) and a re-savable config."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(*args, **kwargs)
+
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(DeltaCallback, "delta")
 
 
 def main(args: list[str] | None = None) -> None:

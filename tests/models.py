@@ -74,3 +74,39 @@ class PlainNet(nn.Module):
 
 def plain_inputs(batch: int = 3, seq: int = 5) -> torch.Tensor:
     return torch.randint(0, 50, (batch, seq), generator=torch.Generator().manual_seed(2))
+
+
+def bundled_tokenizer():
+    """The offline MiniLM's BERT tokenizer (vocab 30522), shared by every tiny model below."""
+    from transformers import AutoTokenizer
+
+    from lightning_delta.tasks.sources import BUNDLED_MINILM, resolve_source
+
+    return AutoTokenizer.from_pretrained(resolve_source(BUNDLED_MINILM))
+
+
+def save_tiny(family: str, path, num_labels: int = 2) -> str:
+    """A tiny random model of ``family`` with the bundled tokenizer, saved like a pretrained folder."""
+    from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, T5Config,
+                              T5ForConditionalGeneration)
+
+    tokenizer = bundled_tokenizer()
+    vocab = len(tokenizer)
+    torch.manual_seed(0)
+    if family == "bert":
+        model = BertForSequenceClassification(BertConfig(
+            vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            num_labels=num_labels, max_position_embeddings=128))
+    elif family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                                           bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id))
+    elif family == "t5":
+        model = T5ForConditionalGeneration(T5Config(
+            vocab_size=vocab, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.sep_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id))
+    else:
+        raise ValueError(family)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -1,5 +1,6 @@
 """Ready LightningDataModules."""
 
 from lightning_delta.data.synthetic import SyntheticSentimentData, synthetic_sentiment
+from lightning_delta.data.text import TextClassificationData, TextData
 
-__all__ = ["SyntheticSentimentData", "synthetic_sentiment"]
+__all__ = ["SyntheticSentimentData", "TextClassificationData", "TextData", "synthetic_sentiment"]

