@@ -1,34 +1,59 @@
-"""The lightning-delta command on the offline quickstart config, shortened."""
+"""The lightning-delta command: the offline quickstart (shortened) and every shipped config on tiny models."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from lightning_delta.checkpoint import META_KEY
 from lightning_delta.cli import main
+from models import save_tiny
 
-QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
-
-
-def short_run(root) -> list[str]:
-    return [
-        "fit", "--config", QUICKSTART, f"--trainer.default_root_dir={root}", "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
-        "--data.init_args.num_train=96", "--data.init_args.num_val=32",
-    ]
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+QUICKSTART = str(CONFIGS / "quickstart.yaml")
+SHORT = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
+         "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1"]
 
 
-def test_print_config_shows_the_delta_callback(capsys):
+def print_config(capsys, *args) -> dict:
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--config", QUICKSTART, "--print_config"])
+        main(["fit", *args, "--print_config"])
     assert exit_.value.code == 0
-    printed = capsys.readouterr().out
-    assert "lightning_delta.DeltaCallback" in printed and "method: lora" in printed
+    return yaml.safe_load(capsys.readouterr().out)
 
 
-def test_fit_trains_the_delta_and_writes_a_delta_checkpoint(tmp_path):
-    main(short_run(tmp_path))
+def test_print_config_shows_the_typed_delta_section(capsys):
+    config = print_config(capsys, "--config", QUICKSTART)
+    method = config["delta"]["method"]
+    assert method["class_path"] == "lightning_delta.LoraConfig"
+    assert method["init_args"]["r"] == 8 and method["init_args"]["targets"] == ["query", "value"]
+    assert config["delta"]["trainable"] == ["classifier"]
+
+
+def test_every_hyperparameter_is_settable_from_the_command_line(capsys):
+    config = print_config(capsys, "--config", QUICKSTART, "--delta.method.init_args.r=4",
+                          "--delta.method.init_args.alpha=8", "--delta.method.init_args.rslora=true",
+                          "--delta.method.init_args.dropout=0.1")
+    assert {k: config["delta"]["method"]["init_args"][k] for k in ("r", "alpha", "rslora", "dropout")} == \
+        {"r": 4, "alpha": 8.0, "rslora": True, "dropout": 0.1}
+    other = print_config(capsys, "--config", QUICKSTART, "--delta.method=lightning_delta.BitFitConfig")
+    assert other["delta"]["method"]["class_path"] == "lightning_delta.BitFitConfig"
+
+
+@pytest.mark.parametrize("bad", ["--delta.method.init_args.rank=4", "--delta.trainabel=[classifier]"])
+def test_misspelled_keys_are_named(capsys, bad):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", QUICKSTART, bad, "--print_config"])
+    assert exit_.value.code != 0
+    assert bad.split("=")[0].rsplit(".", 1)[-1] in capsys.readouterr().err
+
+
+def test_quickstart_fit_trains_the_delta_and_writes_a_delta_checkpoint(tmp_path):
+    run = ["fit", "--config", QUICKSTART, f"--trainer.default_root_dir={tmp_path}", *SHORT,
+           "--data.init_args.num_train=96", "--data.init_args.num_val=32"]
+    main(run)
     (ckpt_path,) = tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt")
     ckpt = torch.load(ckpt_path, weights_only=True)
     keys = set(ckpt["state_dict"])
@@ -38,5 +63,30 @@ def test_fit_trains_the_delta_and_writes_a_delta_checkpoint(tmp_path):
     assert ckpt[META_KEY]["specs"][0]["method"] == "lora"
     assert (tmp_path / "lightning_logs/version_0/config.yaml").is_file()
     assert list(tmp_path.glob("lightning_logs/version_0/events.out.tfevents.*"))
-    # a second run into the same folder does not trip over the saved config
-    main(short_run(tmp_path))
+    main(run)  # a second run into the same folder does not trip over the saved config
+
+
+TINY_FAMILY = {"roberta-base": "bert", "bert-base-uncased": "bert", "gpt2": "gpt2", "t5-small": "t5"}
+NETWORK_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "quickstart.yaml")
+
+
+@pytest.mark.parametrize("name", NETWORK_CONFIGS)
+def test_shipped_config_parses_and_runs_on_a_tiny_local_model(capsys, tmp_path, name):
+    path = str(CONFIGS / name)
+    config = print_config(capsys, "--config", path)
+    data_args = config["data"]["init_args"]
+    model_dir = save_tiny(TINY_FAMILY[config["model"]["init_args"]["model"]], tmp_path / "model")
+    columns = [c for c in (data_args.get("text_column"), data_args.get("text_pair_column"),
+                           data_args.get("target_column")) if c]
+    rows = [{**{c: f"example {i} of {c}" for c in columns}, "label": i % 2} for i in range(8)]
+    data_file = tmp_path / "data.jsonl"
+    data_file.write_text("\n".join(json.dumps(r) for r in rows))
+    files = json.dumps({"train": str(data_file), "validation": str(data_file)})
+    main(["fit", "--config", path, f"--model.init_args.model={model_dir}", "--data.init_args.dataset=null",
+          "--data.init_args.dataset_config=null", f"--data.init_args.data_files={files}",
+          "--data.init_args.batch_size=4", "--data.init_args.max_length=16", f"--trainer.default_root_dir={tmp_path}",
+          "--trainer.val_check_interval=1.0", "--trainer.limit_val_batches=1", *SHORT])
+    state = torch.load(sorted(tmp_path.glob("**/*.ckpt"))[0], weights_only=True)["state_dict"]
+    method = config["delta"]["method"]["class_path"].rsplit(".", 1)[-1]
+    assert state and all((".lora." in k if method == "LoraConfig" else ".bitfit." in k or "classifier" in k)
+                         or k.startswith("model.classifier.") for k in state)

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -30,6 +31,12 @@ def write(path, rows, kind):
     elif kind == "txt":
         path.write_text("\n".join(rows) + "\n")
     return str(path)
+
+
+def with_model(data, **hparams):
+    """Attach a stand-in trainer whose LightningModule has ``hparams`` (as Lightning does in setup)."""
+    data.trainer = SimpleNamespace(lightning_module=SimpleNamespace(hparams=hparams))
+    return data
 
 
 def rows(n=12, labels=("neg", "pos")):
@@ -65,8 +72,8 @@ def test_label_names_fix_the_order_and_pairs_are_encoded(tmp_path, tiny_bert_dir
     [
         (lambda d: TextClassificationData(data_files={"train": write(d / "a.csv", rows(), "csv")},
                                           label_column="sentiment"), "no column 'sentiment'.*label_column"),
-        (lambda d: TextClassificationData(data_files={"train": write(d / "a.jsonl", [
-            {"text": "a", "label": 0}, {"text": "b", "label": 5}], "jsonl")}, num_labels=2), r"labels \[5\] outside"),
+        (lambda d: with_model(TextClassificationData(data_files={"train": write(d / "a.jsonl", [
+            {"text": "a", "label": 0}, {"text": "b", "label": 5}], "jsonl")}), num_labels=2), r"labels \[5\] outside"),
         (lambda d: TextClassificationData(data_files={"train": write(d / "a.xml", rows(), "csv")}),
          "unknown type '.xml'"),
         (lambda d: TextClassificationData(data_files={"train": str(d / "missing.csv")}), "does not exist"),

@@ -90,8 +90,8 @@ class TextClassificationData(_TokenizedData):
         text_pair_column: the second text of a pair task, or ``None``.
         label_column: the label column: integers in ``[0, num_labels)`` or label names.
         label_names: the order of label names (names are mapped to their index); by default
-            the sorted names of the training split.
-        num_labels: number of classes, to check integer labels; by default the model's ``num_labels``.
+            the sorted names of the training split. Integer labels are checked against the
+            model's ``num_labels``.
         tokenizer: tokenizer name or folder; by default the model's.
         max_length: truncation length in tokens; batches are padded dynamically.
         batch_size: examples per batch.
@@ -107,7 +107,6 @@ class TextClassificationData(_TokenizedData):
         text_pair_column: str | None = None,
         label_column: str = "label",
         label_names: list[str] | None = None,
-        num_labels: int | None = None,
         tokenizer: str | None = None,
         max_length: int = 128,
         batch_size: int = 32,
@@ -116,7 +115,7 @@ class TextClassificationData(_TokenizedData):
         super().__init__(dataset, dataset_config, data_files, tokenizer, max_length, batch_size, num_workers)
         self.save_hyperparameters()
         self.text_column, self.text_pair_column, self.label_column = text_column, text_pair_column, label_column
-        self.label_names, self.num_labels = label_names, num_labels
+        self.label_names = label_names
 
     def _label_index(self, splits: dict[str, Any]) -> dict[str, int] | None:
         """Label name -> id for named labels (``None`` for integer labels, checked against ``num_labels``)."""
@@ -129,8 +128,8 @@ class TextClassificationData(_TokenizedData):
                     raise ValueError(f"split {split!r} has labels {unknown[:5]} not among label_names {names}")
             self.label_names = list(names)
             return {name: i for i, name in enumerate(names)}
-        model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-        num_labels = self.num_labels or getattr(model, "hparams", {}).get("num_labels")
+        model = getattr(self.trainer, "lightning_module", None)
+        num_labels = getattr(model, "hparams", {}).get("num_labels")
         if num_labels is not None:
             for split, ds in splits.items():
                 bad = sorted({v for v in ds[column] if not 0 <= v < num_labels})
