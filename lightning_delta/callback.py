@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import HalfPrecision
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
@@ -15,6 +17,7 @@ from lightning_delta.checkpoint import META_KEY, DeltaCheckpointHooks, checkpoin
 from lightning_delta.core import DeltaConfig
 from lightning_delta.errors import DeltaConfigError, DeltaStateError
 from lightning_delta.handle import DeltaModel, ensure_attached, to_configs
+from lightning_delta.precision import KeepTrainableFp32
 from lightning_delta.state import compare_fingerprint
 from lightning_delta.targets import normalize_patterns
 
@@ -111,10 +114,22 @@ class DeltaCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         path = self.backbone_path(pl_module)
         backbone = pl_module.get_submodule(path)
-        ensure_attached(backbone, self._configs)  # setup runs for every stage: attach once
+        # setup runs for every stage: attach once. Initial values are seeded from the run's seed
+        # (seed_everything, else 0) and each delta's path, so every rank draws the same ones.
+        ensure_attached(backbone, self._configs, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
         handle = DeltaModel(backbone).freeze_backbone(self._trainable)
         DeltaCheckpointHooks.install(pl_module, path)
         rank_zero_info(f"lightning_delta: {handle.summary()}")
+        plugin = trainer.strategy.precision_plugin
+        if isinstance(plugin, HalfPrecision) and not isinstance(plugin.convert_module, KeepTrainableFp32):
+            # Lightning casts the whole module after this hook; trained tensors must stay fp32.
+            plugin.convert_module = KeepTrainableFp32(plugin.convert_module, plugin._desired_input_dtype)
+        if str(trainer.precision) == "16-true":
+            rank_zero_warn(
+                "precision='16-true' has no GradScaler: small gradients reaching the fp32 deltas through the"
+                " fp16 backbone can underflow to zero. Prefer precision='bf16-true' (same memory, no underflow)"
+                " or '16-mixed' (fp16 compute with loss scaling)."
+            )
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:

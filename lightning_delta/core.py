@@ -11,6 +11,7 @@ Backbone parameter and buffer names never change.
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -28,7 +29,8 @@ from lightning_delta.targets import (
     resolve_targets,
 )
 
-_COMMON_FIELDS = ("targets", "exclude", "name")
+_COMMON_FIELDS = ("targets", "exclude", "name", "delta_dtype")
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -41,6 +43,9 @@ class DeltaConfig:
         exclude: patterns of modules to leave out of the matches.
         name: the delta's name, i.e. the child-module name on each target. Defaults to the
             method name, or ``<method>_2``, ... when that is taken.
+        delta_dtype: storage dtype of the delta's tensors (``"float32"``, ``"bfloat16"``, ...). By
+            default float32 (float64 beside a float64 target), also under a half-precision
+            backbone: the delta casts at its boundary and keeps this dtype when the model is cast.
     """
 
     method: ClassVar[str] = ""
@@ -49,6 +54,7 @@ class DeltaConfig:
     targets: str | list[str] | None = None
     exclude: list[str] = field(default_factory=list)
     name: str | None = None
+    delta_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.targets is not None:
@@ -56,17 +62,26 @@ class DeltaConfig:
         self.exclude = list(normalize_patterns(self.exclude))
         if self.name is not None and (not self.name.isidentifier() or "." in self.name):
             raise DeltaConfigError(f"delta name {self.name!r} must be a Python identifier, e.g. 'lora_task_a'")
+        if self.delta_dtype is not None and self.delta_dtype not in DTYPES:
+            raise DeltaConfigError(f"delta_dtype={self.delta_dtype!r} is not one of {sorted(DTYPES)}")
         self.validate()
 
     def validate(self) -> None:
         """Raises :class:`DeltaConfigError` for out-of-range hyper-parameters."""
 
+    def storage_dtype(self, target: nn.Module) -> torch.dtype:
+        """The dtype of this delta's tensors on ``target`` (see ``delta_dtype``)."""
+        if self.delta_dtype is not None:
+            return DTYPES[self.delta_dtype]
+        weight = target.weight
+        return weight.dtype if weight.dtype == torch.float64 else torch.float32
+
     def supports(self, module: nn.Module) -> bool:
         """Whether this method can attach to ``module``."""
         raise NotImplementedError(f"{type(self).__name__} must implement supports()")
 
-    def build(self, module: nn.Module) -> Delta:
-        """A new, unattached delta for ``module``."""
+    def build(self, module: nn.Module, generator: torch.Generator) -> Delta:
+        """A new, unattached delta for ``module``, random parts drawn from ``generator`` (on the CPU)."""
         raise NotImplementedError(f"{type(self).__name__} must implement build()")
 
     def preset(self, model: nn.Module) -> list[str]:
@@ -103,10 +118,23 @@ class Delta(nn.Module):
 
     mergeable: ClassVar[bool] = False
 
-    def __init__(self, config: DeltaConfig) -> None:
+    def __init__(self, config: DeltaConfig, target: nn.Module) -> None:
         super().__init__()
         self.config = config
         self.merged = False
+        self.storage_dtype = config.storage_dtype(target)
+        #: keyword arguments for new tensors: the target's device, the delta's dtype
+        self.factory = {"device": target.weight.device, "dtype": self.storage_dtype}
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Delta:
+        """``.to()``, ``.half()``, ... move the delta but keep its ``storage_dtype`` (fp32 under a bf16 model)."""
+        super()._apply(fn, recurse)
+        for tensor in (*self.parameters(), *self.buffers()):
+            if tensor.is_floating_point() and tensor.dtype != self.storage_dtype:
+                tensor.data = tensor.data.to(self.storage_dtype)
+                if tensor.grad is not None:
+                    tensor.grad = tensor.grad.to(self.storage_dtype)
+        return self
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -143,11 +171,6 @@ class Delta(nn.Module):
         raise MergeError(self.merge_blocker(target) or f"{type(self).__name__} does not implement unmerge")
 
 
-def delta_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype of a new delta tensor for a target with ``weight``: fp32 under a half-precision backbone."""
-    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-
-
 @dataclass(frozen=True)
 class AttachedDelta:
     """One delta module in a model: where it sits and what it changes."""
@@ -167,6 +190,15 @@ def iter_deltas(model: nn.Module, name: str | None = None) -> Iterator[AttachedD
                 yield AttachedDelta(path, target_path, delta_name, module)
 
 
+def init_generator(seed: int, path: str) -> torch.Generator:
+    """A CPU generator seeded from ``seed`` and the delta's dotted path.
+
+    Every rank that attaches the same delta with the same seed draws the same initial values,
+    so no broadcast is needed (FSDP does not broadcast initial values).
+    """
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(path.encode())) % 2**63)
+
+
 def _free_name(model: nn.Module, config: DeltaConfig) -> str:
     taken = {d.name for d in iter_deltas(model)}
     if config.name is not None:
@@ -183,12 +215,14 @@ def _free_name(model: nn.Module, config: DeltaConfig) -> str:
     return name
 
 
-def attach_config(model: nn.Module, config: DeltaConfig) -> str:
+def attach_config(model: nn.Module, config: DeltaConfig, seed: int | None = None) -> str:
     """Attaches one delta described by ``config`` to ``model``; returns the delta's name.
 
     Every target is resolved and every delta built before the model is touched, so a
-    failure leaves the model as it was.
+    failure leaves the model as it was. Random initial values come from
+    :func:`init_generator` with ``seed`` (default: ``torch.initial_seed()``).
     """
+    seed = torch.initial_seed() if seed is None else seed
     patterns = config.preset(model) if config.targets is None else config.targets
     names = resolve_targets(
         model,
@@ -206,7 +240,7 @@ def attach_config(model: nn.Module, config: DeltaConfig) -> str:
             raise DeltaConfigError(
                 f"{target_name!r} already has an attribute {name!r}; pass another delta name, e.g. name='{name}_delta'"
             )
-        built.append((target, config.build(target)))
+        built.append((target, config.build(target, init_generator(seed, f"{target_name}.{name}"))))
     config = dataclasses.replace(config, name=name)
     for target, delta in built:
         delta.config = config

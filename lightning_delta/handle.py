@@ -67,7 +67,7 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def ensure_attached(model: nn.Module, configs: Iterable[DeltaConfig]) -> list[str]:
+def ensure_attached(model: nn.Module, configs: Iterable[DeltaConfig], seed: int | None = None) -> list[str]:
     """Attaches each config whose delta name is not attached yet; returns the names it attached.
 
     A delta already attached under a config's name must have the same method and
@@ -81,7 +81,7 @@ def ensure_attached(model: nn.Module, configs: Iterable[DeltaConfig]) -> list[st
         name = config.name or config.method
         have = DeltaModel(model).configs.get(name)
         if have is None:
-            added.append(attach_config(model, config))
+            added.append(attach_config(model, config, seed))
         elif (have.method, have.hparams()) != (config.method, config.hparams()):
             raise DeltaConfigError(
                 f"delta {name!r} is already attached as {have}, not as {config}; detach it first or pick another name"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_delta.core import Delta, DeltaConfig, delta_dtype
+from lightning_delta.core import Delta, DeltaConfig
 from lightning_delta.targets import ALL, is_linear_like
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -43,7 +43,7 @@ class BitFitConfig(DeltaConfig):
     def preset(self, model: nn.Module) -> list[str]:
         return [ALL]
 
-    def build(self, module: nn.Module) -> BitFit:
+    def build(self, module: nn.Module, generator: torch.Generator) -> BitFit:
         return BitFit(self, module)
 
 
@@ -53,7 +53,7 @@ class BitFit(Delta):
     mergeable = True
 
     def __init__(self, config: BitFitConfig, target: nn.Module):
-        super().__init__(config)
+        super().__init__(config, target)
         weight = target.weight
         if isinstance(target, _CONV):
             shape: tuple[int, ...] = (target.out_channels,) + (1,) * (weight.dim() - 2)
@@ -63,7 +63,7 @@ class BitFit(Delta):
             shape = (weight.shape[1],)
         else:
             shape = tuple(weight.shape)
-        self.bias = nn.Parameter(torch.zeros(shape, device=weight.device, dtype=delta_dtype(weight)))
+        self.bias = nn.Parameter(torch.zeros(shape, **self.factory))
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """``output + bias``, broadcast over the leading dims (over H, W for convs)."""

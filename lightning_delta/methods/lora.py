@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_delta.core import Delta, DeltaConfig, delta_dtype
+from lightning_delta.core import Delta, DeltaConfig
 from lightning_delta.targets import is_linear_like
 
 
@@ -56,12 +56,15 @@ class LoraConfig(DeltaConfig):
             return module.groups == 1 and module.padding_mode == "zeros"
         return is_linear_like(module) or isinstance(module, nn.Embedding)
 
-    def build(self, module: nn.Module) -> LoRA:
+    def build(self, module: nn.Module, generator: torch.Generator) -> LoRA:
         if isinstance(module, nn.Embedding):
-            return LoRAEmbedding(self, module)
-        if isinstance(module, nn.Conv2d):
-            return LoRAConv2d(self, module)
-        return LoRALinear(self, module)
+            delta: LoRA = LoRAEmbedding(self, module)
+        elif isinstance(module, nn.Conv2d):
+            delta = LoRAConv2d(self, module)
+        else:
+            delta = LoRALinear(self, module)
+        delta.reset_parameters(generator)
+        return delta
 
 
 class LoRA(Delta):
@@ -69,14 +72,21 @@ class LoRA(Delta):
 
     mergeable = True
 
-    def __init__(self, config: LoraConfig, weight: torch.Tensor, a_shape: tuple[int, ...], b_shape: tuple[int, ...]):
-        super().__init__(config)
-        kw = {"device": weight.device, "dtype": delta_dtype(weight)}
-        self.A = nn.Parameter(torch.empty(a_shape, **kw))
-        self.B = nn.Parameter(torch.zeros(b_shape, **kw))
+    def __init__(self, config: LoraConfig, target: nn.Module, a_shape: tuple[int, ...], b_shape: tuple[int, ...]):
+        super().__init__(config, target)
+        self.A = nn.Parameter(torch.empty(a_shape, **self.factory))
+        self.B = nn.Parameter(torch.zeros(b_shape, **self.factory))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scale = config.scale
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """``A`` Kaiming-uniform (as ``nn.Linear`` and PEFT), ``B`` zero: the delta starts as the identity."""
+        self.B.zero_()
+        if self.A.device.type != "meta":
+            a = torch.empty(self.A.shape, dtype=self.A.dtype)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            self.A.copy_(a)
 
     def delta_weight(self, target: nn.Module) -> torch.Tensor:
         """The update in the layout of ``target.weight``: ``s * B @ A``."""
@@ -101,13 +111,17 @@ class LoRALinear(LoRA):
     def __init__(self, config: LoraConfig, target: nn.Module):
         transposed = not isinstance(target, nn.Linear)  # Conv1D stores its weight as (in, out)
         out_features, in_features = target.weight.shape[::-1] if transposed else target.weight.shape
-        super().__init__(config, target.weight, (config.r, in_features), (out_features, config.r))
+        super().__init__(config, target, (config.r, in_features), (out_features, config.r))
         self.transposed = transposed
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """``output + s * dropout(x) @ A.T @ B.T``; x ``(..., in)``, output ``(..., out)``."""
-        x = self.dropout(x.to(self.A.dtype))
-        return output + (F.linear(F.linear(x, self.A), self.B) * self.scale).to(output.dtype)
+        """``output + s * dropout(x) @ A.T @ B.T``; x ``(..., in)``, output ``(..., out)``.
+
+        Computed in the activations' dtype: under a bf16 backbone the small factors are cast
+        down (their gradients arrive in fp32), not the large activations up.
+        """
+        x = self.dropout(x)
+        return output + (F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype)) * self.scale).to(output.dtype)
 
     def delta_weight(self, target: nn.Module) -> torch.Tensor:
         update = super().delta_weight(target)
@@ -118,13 +132,13 @@ class LoRAEmbedding(LoRA):
     """LoRA on ``nn.Embedding``: ``A`` is looked up like a table, then projected by ``B``."""
 
     def __init__(self, config: LoraConfig, target: nn.Embedding):
-        super().__init__(config, target.weight, (config.r, target.num_embeddings), (target.embedding_dim, config.r))
+        super().__init__(config, target, (config.r, target.num_embeddings), (target.embedding_dim, config.r))
         self.padding_idx = target.padding_idx
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """``output + s * A.T[x] @ B.T``; x ``(...)`` token ids, output ``(..., dim)``."""
-        looked_up = F.embedding(x, self.A.T, padding_idx=self.padding_idx)
-        return output + (F.linear(looked_up, self.B) * self.scale).to(output.dtype)
+        looked_up = F.embedding(x, self.A.T.to(output.dtype), padding_idx=self.padding_idx)
+        return output + F.linear(looked_up, self.B.to(output.dtype)) * self.scale
 
     def delta_weight(self, target: nn.Module) -> torch.Tensor:
         return super().delta_weight(target).T
@@ -135,14 +149,14 @@ class LoRAConv2d(LoRA):
 
     def __init__(self, config: LoraConfig, target: nn.Conv2d):
         a_shape = (config.r, target.in_channels, *target.kernel_size)
-        super().__init__(config, target.weight, a_shape, (target.out_channels, config.r, 1, 1))
+        super().__init__(config, target, a_shape, (target.out_channels, config.r, 1, 1))
         self.stride, self.padding, self.dilation = target.stride, target.padding, target.dilation
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """x ``(N, in, H, W)``, output ``(N, out, H', W')``."""
-        x = self.dropout(x.to(self.A.dtype))
-        hidden = F.conv2d(x, self.A, stride=self.stride, padding=self.padding, dilation=self.dilation)
-        return output + (F.conv2d(hidden, self.B) * self.scale).to(output.dtype)
+        x = self.dropout(x)
+        hidden = F.conv2d(x, self.A.to(x.dtype), stride=self.stride, padding=self.padding, dilation=self.dilation)
+        return output + (F.conv2d(hidden, self.B.to(x.dtype)) * self.scale).to(output.dtype)
 
     def delta_weight(self, target: nn.Module) -> torch.Tensor:
         return super().delta_weight(target).view_as(target.weight)

@@ -1,0 +1,82 @@
+"""Dtype policy under a half-precision backbone: everything trained stays fp32.
+
+* Delta modules keep their ``storage_dtype`` (fp32 by default) through any ``.to()`` / ``.half()``
+  (see :meth:`lightning_delta.core.Delta._apply`) and cast at their boundary.
+* Backbone modules made trainable (``trainable=["classifier"]``) would otherwise be trained in
+  bf16/fp16, losing small updates: :func:`keep_trainable_fp32` gives them fp32 parameters (the
+  optimizer's master copy) and runs them in fp32 between two casts, so their neighbours still
+  see the half-precision dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from lightning_delta.core import Delta, iter_deltas
+
+
+class Fp32Boundary:
+    """Forward hooks that run one module in fp32 inside a model of dtype ``dtype``."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    @staticmethod
+    def _cast(value: Any, dtype: torch.dtype) -> Any:
+        return tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, value)
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Forward pre-hook: floating inputs to fp32."""
+        return self._cast(args, torch.float32), self._cast(kwargs, torch.float32)
+
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        """Forward hook: floating outputs back to the model's dtype."""
+        return self._cast(output, self.dtype)
+
+
+def _has_boundary(module: nn.Module) -> bool:
+    return any(isinstance(getattr(h, "__self__", None), Fp32Boundary) for h in module._forward_hooks.values())
+
+
+def keep_trainable_fp32(model: nn.Module, dtype: torch.dtype) -> list[str]:
+    """Gives every trainable backbone parameter of ``model`` fp32 storage and runs its module in fp32.
+
+    Call it after the model was cast to ``dtype`` and before the optimizer is built. Parameter
+    objects are kept (``.data`` is replaced), so references to them stay valid.
+
+    Returns:
+        The names of the modules now running in fp32.
+    """
+    delta_paths = [d.path for d in iter_deltas(model)]
+    changed = []
+    for name, module in model.named_modules():
+        if isinstance(module, Delta) or any(name == p or name.startswith(p + ".") for p in delta_paths):
+            continue
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad and p.is_floating_point()]
+        if not own:
+            continue
+        for param in own:
+            param.data = param.data.float()
+        if not _has_boundary(module):
+            boundary = Fp32Boundary(dtype)
+            module.register_forward_pre_hook(boundary.before, with_kwargs=True)
+            module.register_forward_hook(boundary.after, with_kwargs=True)
+        changed.append(name)
+    return changed
+
+
+class KeepTrainableFp32:
+    """Wraps a precision plugin's ``convert_module``: convert, then :func:`keep_trainable_fp32`."""
+
+    def __init__(self, convert_module: Any, dtype: torch.dtype) -> None:
+        self.convert_module = convert_module
+        self.dtype = dtype
+
+    def __call__(self, module: nn.Module) -> nn.Module:
+        module = self.convert_module(module)
+        keep_trainable_fp32(module, self.dtype)
+        return module
