@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import HalfPrecision
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
@@ -124,6 +125,14 @@ class DeltaCallback(Callback):
         if isinstance(plugin, HalfPrecision) and not isinstance(plugin.convert_module, KeepTrainableFp32):
             # Lightning casts the whole module after this hook; trained tensors must stay fp32.
             plugin.convert_module = KeepTrainableFp32(plugin.convert_module, plugin._desired_input_dtype)
+        if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+            rank_zero_warn(
+                f"strategy={type(trainer.strategy).__name__}(start_method={trainer.strategy._start_method!r})"
+                " (ddp_spawn/ddp_fork) trains the deltas in worker processes and copies weights back with"
+                " strict=False: the model in your main process will not hold the trained deltas. Load them after"
+                " fit with lightning_delta.load_delta(model, trainer.checkpoint_callback.best_model_path), or use"
+                " strategy='ddp'."
+            )
         if str(trainer.precision) == "16-true":
             rank_zero_warn(
                 "precision='16-true' has no GradScaler: small gradients reaching the fp32 deltas through the"
