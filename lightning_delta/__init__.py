@@ -25,14 +25,15 @@ from lightning_delta.methods.bitfit import BitFitConfig  # noqa: E402
 from lightning_delta.methods.lora import LoraConfig  # noqa: E402
 from lightning_delta.targets import resolve_targets  # noqa: E402
 
-_LIGHTNING_NAMES = {"DeltaCallback", "find_backbone"}
+_LIGHTNING_NAMES = {"DeltaCallback": "callback", "find_backbone": "callback",
+                    "DeltaModelParallelStrategy": "strategies"}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LIGHTNING_NAMES:
-        from lightning_delta import callback
+        import importlib
 
-        return getattr(callback, name)
+        return getattr(importlib.import_module(f"lightning_delta.{_LIGHTNING_NAMES[name]}"), name)
     raise AttributeError(f"module 'lightning_delta' has no attribute {name!r}")
 
 
@@ -47,6 +48,7 @@ __all__ = [
     "DeltaConfigError",
     "DeltaError",
     "DeltaModel",
+    "DeltaModelParallelStrategy",
     "DeltaStateError",
     "DeltaSummary",
     "LoraConfig",

@@ -9,13 +9,16 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import HalfPrecision
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 from lightning_delta.checkpoint import META_KEY, DeltaCheckpointHooks, checkpoint_metadata, spec_differences
 from lightning_delta.core import DeltaConfig
+from lightning_delta.distributed import AttachAfterConfigureModel, install_wrap_policy
 from lightning_delta.errors import DeltaConfigError, DeltaStateError
 from lightning_delta.handle import DeltaModel, ensure_attached, to_configs
 from lightning_delta.precision import KeepTrainableFp32
@@ -111,16 +114,37 @@ class DeltaCallback(Callback):
             ) from err
         return self._module
 
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def attach(self, pl_module: nn.Module) -> DeltaModel:
+        """Attaches this callback's deltas to ``pl_module``'s backbone (once), freezes it, installs
+        the delta-only checkpoint hooks, and returns the backbone's handle."""
         path = self.backbone_path(pl_module)
         backbone = pl_module.get_submodule(path)
-        # setup runs for every stage: attach once. Initial values are seeded from the run's seed
-        # (seed_everything, else 0) and each delta's path, so every rank draws the same ones.
+        # Initial values are seeded from the run's seed (seed_everything, else 0) and each delta's
+        # path, so every rank draws the same ones without a broadcast.
         ensure_attached(backbone, self._configs, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
         handle = DeltaModel(backbone).freeze_backbone(self._trainable)
         DeltaCheckpointHooks.install(pl_module, path)
+        strategy = getattr(getattr(pl_module, "_trainer", None), "strategy", None)
+        if isinstance(strategy, FSDPStrategy):
+            install_wrap_policy(strategy, backbone)
         rank_zero_info(f"lightning_delta: {handle.summary()}")
+        return handle
+
+    def _backbone_exists(self, pl_module: nn.Module) -> bool:
+        try:
+            self.backbone_path(pl_module)
+        except DeltaConfigError:
+            return False
+        return True
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self._backbone_exists(pl_module) and is_overridden("configure_model", pl_module):
+            # The backbone is built in configure_model, after this hook: attach right after it,
+            # before the strategy shards and wraps the model.
+            AttachAfterConfigureModel.install(pl_module, self)
+        else:
+            self.attach(pl_module)  # setup runs for every stage: attach is idempotent
         plugin = trainer.strategy.precision_plugin
         if isinstance(plugin, HalfPrecision) and not isinstance(plugin.convert_module, KeepTrainableFp32):
             # Lightning casts the whole module after this hook; trained tensors must stay fp32.

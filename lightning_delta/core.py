@@ -80,8 +80,8 @@ class DeltaConfig:
         """Whether this method can attach to ``module``."""
         raise NotImplementedError(f"{type(self).__name__} must implement supports()")
 
-    def build(self, module: nn.Module, generator: torch.Generator) -> Delta:
-        """A new, unattached delta for ``module``, random parts drawn from ``generator`` (on the CPU)."""
+    def build(self, module: nn.Module, seed: int) -> Delta:
+        """A new, unattached delta for ``module`` whose random initial values derive from ``seed``."""
         raise NotImplementedError(f"{type(self).__name__} must implement build()")
 
     def preset(self, model: nn.Module) -> list[str]:
@@ -190,13 +190,13 @@ def iter_deltas(model: nn.Module, name: str | None = None) -> Iterator[AttachedD
                 yield AttachedDelta(path, target_path, delta_name, module)
 
 
-def init_generator(seed: int, path: str) -> torch.Generator:
-    """A CPU generator seeded from ``seed`` and the delta's dotted path.
+def delta_seed(seed: int, path: str) -> int:
+    """The initialisation seed of the delta at dotted ``path`` in a run seeded with ``seed``.
 
     Every rank that attaches the same delta with the same seed draws the same initial values,
     so no broadcast is needed (FSDP does not broadcast initial values).
     """
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(path.encode())) % 2**63)
+    return (seed * 1_000_003 + zlib.crc32(path.encode())) % 2**63
 
 
 def _free_name(model: nn.Module, config: DeltaConfig) -> str:
@@ -219,8 +219,8 @@ def attach_config(model: nn.Module, config: DeltaConfig, seed: int | None = None
     """Attaches one delta described by ``config`` to ``model``; returns the delta's name.
 
     Every target is resolved and every delta built before the model is touched, so a
-    failure leaves the model as it was. Random initial values come from
-    :func:`init_generator` with ``seed`` (default: ``torch.initial_seed()``).
+    failure leaves the model as it was. Random initial values derive from ``seed`` (default:
+    ``torch.initial_seed()``) and each delta's path, see :func:`delta_seed`.
     """
     seed = torch.initial_seed() if seed is None else seed
     patterns = config.preset(model) if config.targets is None else config.targets
@@ -240,7 +240,7 @@ def attach_config(model: nn.Module, config: DeltaConfig, seed: int | None = None
             raise DeltaConfigError(
                 f"{target_name!r} already has an attribute {name!r}; pass another delta name, e.g. name='{name}_delta'"
             )
-        built.append((target, config.build(target, init_generator(seed, f"{target_name}.{name}"))))
+        built.append((target, config.build(target, delta_seed(seed, f"{target_name}.{name}"))))
     config = dataclasses.replace(config, name=name)
     for target, delta in built:
         delta.config = config

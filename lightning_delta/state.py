@@ -141,18 +141,25 @@ def _samples(tensor: torch.Tensor) -> list[float]:
     return [float(v) for v in flat[index].float().cpu()]
 
 
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (FSDP2 / tensor parallel): sampling it would need communication."""
+    return type(tensor).__name__ == "DTensor" or type(getattr(tensor, "data", None)).__name__ == "DTensor"
+
+
 def fingerprint(model: nn.Module) -> dict[str, Any]:
     """A cheap description of a backbone: names and shapes of its own tensors, its source, a few values.
 
     Delta tensors are left out; values are sampled from frozen floating-point parameters only
-    (trainable ones change in training), so the fingerprint is stable while training.
+    (trainable ones change in training), so the fingerprint is stable while training. Sharded
+    (DTensor) parameters are not sampled: that would gather them; their shapes are still recorded.
     """
     delta_paths = [d.path for d in iter_deltas(model)]
     tensors = {k: t for k, t in state_tensors(model).items() if not _under(k, delta_paths)}
     frozen = [
         k
         for k, t in tensors.items()
-        if isinstance(t, nn.Parameter) and not t.requires_grad and t.is_floating_point() and t.device.type != "meta"
+        if isinstance(t, nn.Parameter) and not t.requires_grad and t.is_floating_point()
+        and t.device.type != "meta" and not _is_sharded(t)
     ]
     last = len(frozen) - 1
     picks = [frozen[round(i * last / (_SAMPLED_TENSORS - 1))] for i in range(_SAMPLED_TENSORS)] if frozen else []
@@ -193,7 +200,7 @@ def compare_fingerprint(recorded: Mapping[str, Any], model: nn.Module) -> list[s
     differ = [
         k
         for k, values in recorded.get("samples", {}).items()
-        if not all(math.isclose(a, b, rel_tol=2e-2, abs_tol=1e-3) for a, b in zip(values, _samples(tensors[k])))
+        if not _is_sharded(tensors[k]) and not all(math.isclose(a, b, rel_tol=2e-2, abs_tol=1e-3) for a, b in zip(values, _samples(tensors[k])))
     ]
     if differ:
         return [

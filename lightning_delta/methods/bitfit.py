@@ -43,7 +43,7 @@ class BitFitConfig(DeltaConfig):
     def preset(self, model: nn.Module) -> list[str]:
         return [ALL]
 
-    def build(self, module: nn.Module, generator: torch.Generator) -> BitFit:
+    def build(self, module: nn.Module, seed: int) -> BitFit:
         return BitFit(self, module)
 
 
@@ -64,6 +64,11 @@ class BitFit(Delta):
         else:
             shape = tuple(weight.shape)
         self.bias = nn.Parameter(torch.zeros(shape, **self.factory))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Zero offsets: the attached model computes what the backbone did."""
+        self.bias.zero_()
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """``output + bias``, broadcast over the leading dims (over H, W for convs)."""

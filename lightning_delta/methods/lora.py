@@ -56,14 +56,15 @@ class LoraConfig(DeltaConfig):
             return module.groups == 1 and module.padding_mode == "zeros"
         return is_linear_like(module) or isinstance(module, nn.Embedding)
 
-    def build(self, module: nn.Module, generator: torch.Generator) -> LoRA:
+    def build(self, module: nn.Module, seed: int) -> LoRA:
         if isinstance(module, nn.Embedding):
             delta: LoRA = LoRAEmbedding(self, module)
         elif isinstance(module, nn.Conv2d):
             delta = LoRAConv2d(self, module)
         else:
             delta = LoRALinear(self, module)
-        delta.reset_parameters(generator)
+        delta.init_seed = seed
+        delta.reset_parameters()
         return delta
 
 
@@ -78,15 +79,20 @@ class LoRA(Delta):
         self.B = nn.Parameter(torch.zeros(b_shape, **self.factory))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scale = config.scale
+        self.init_seed = 0  #: set by LoraConfig.build from the run's seed and the delta's path
 
     @torch.no_grad()
-    def reset_parameters(self, generator: torch.Generator) -> None:
-        """``A`` Kaiming-uniform (as ``nn.Linear`` and PEFT), ``B`` zero: the delta starts as the identity."""
+    def reset_parameters(self) -> None:
+        """``A`` Kaiming-uniform (as ``nn.Linear`` and PEFT) drawn from ``init_seed``, ``B`` zero.
+
+        The delta starts as the identity, with the same values on every rank; Lightning calls this
+        when it materialises a model built on the meta device.
+        """
         self.B.zero_()
         if self.A.device.type != "meta":
             a = torch.empty(self.A.shape, dtype=self.A.dtype)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-            self.A.copy_(a)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=torch.Generator().manual_seed(self.init_seed))
+            self.A.copy_(a.to(self.A.device))
 
     def delta_weight(self, target: nn.Module) -> torch.Tensor:
         """The update in the layout of ``target.weight``: ``s * B @ A``."""
