@@ -1,6 +1,9 @@
 """The lightning-delta command: the offline quickstart (shortened) and every shipped config on tiny models."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,14 +69,14 @@ def test_quickstart_fit_trains_the_delta_and_writes_a_delta_checkpoint(tmp_path)
     main(run)  # a second run into the same folder does not trip over the saved config
 
 
-TINY_FAMILY = {"roberta-base": "bert", "bert-base-uncased": "bert", "gpt2": "gpt2", "t5-small": "t5"}
+TINY_FAMILY = {"roberta-base": "bert", "bert-base-uncased": "bert", "gpt2": "gpt2", "t5-small": "t5",
+               "meta-llama/Llama-3.2-1B": "llama"}
+MULTI_PROCESS = {"multinode-llama-fsdp2.yaml"}  # run in a subprocess below: Lightning relaunches the command
 NETWORK_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "quickstart.yaml")
 
 
-@pytest.mark.parametrize("name", NETWORK_CONFIGS)
-def test_shipped_config_parses_and_runs_on_a_tiny_local_model(capsys, tmp_path, name):
-    path = str(CONFIGS / name)
-    config = print_config(capsys, "--config", path)
+def tiny_overrides(config: dict, tmp_path) -> list[str]:
+    """Command-line overrides that swap a config's hub model and dataset for tiny local ones."""
     data_args = config["data"]["init_args"]
     model_dir = save_tiny(TINY_FAMILY[config["model"]["init_args"]["model"]], tmp_path / "model")
     columns = [c for c in (data_args.get("text_column"), data_args.get("text_pair_column"),
@@ -82,11 +85,36 @@ def test_shipped_config_parses_and_runs_on_a_tiny_local_model(capsys, tmp_path, 
     data_file = tmp_path / "data.jsonl"
     data_file.write_text("\n".join(json.dumps(r) for r in rows))
     files = json.dumps({"train": str(data_file), "validation": str(data_file)})
-    main(["fit", "--config", path, f"--model.init_args.model={model_dir}", "--data.init_args.dataset=null",
-          "--data.init_args.dataset_config=null", f"--data.init_args.data_files={files}",
-          "--data.init_args.batch_size=4", "--data.init_args.max_length=16", f"--trainer.default_root_dir={tmp_path}",
-          "--trainer.val_check_interval=1.0", "--trainer.limit_val_batches=1", *SHORT])
+    return [f"--model.init_args.model={model_dir}", "--data.init_args.dataset=null",
+            "--data.init_args.dataset_config=null", f"--data.init_args.data_files={files}",
+            "--data.init_args.batch_size=4", "--data.init_args.max_length=16", f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.val_check_interval=1.0", "--trainer.limit_val_batches=1", *SHORT]
+
+
+@pytest.mark.parametrize("name", sorted(set(NETWORK_CONFIGS) - MULTI_PROCESS))
+def test_shipped_config_parses_and_runs_on_a_tiny_local_model(capsys, tmp_path, name):
+    path = str(CONFIGS / name)
+    config = print_config(capsys, "--config", path)
+    main(["fit", "--config", path, *tiny_overrides(config, tmp_path)])
     state = torch.load(sorted(tmp_path.glob("**/*.ckpt"))[0], weights_only=True)["state_dict"]
     method = config["delta"]["method"]["class_path"].rsplit(".", 1)[-1]
     assert state and all((".lora." in k if method == "LoraConfig" else ".bitfit." in k or "classifier" in k)
                          or k.startswith("model.classifier.") for k in state)
+
+
+def test_multinode_config_runs_fsdp2_on_two_cpu_processes(capsys, tmp_path):
+    path = str(CONFIGS / "multinode-llama-fsdp2.yaml")
+    config = print_config(capsys, "--config", path)
+    assert config["trainer"]["num_nodes"] == 2
+    command = [sys.executable, "-m", "lightning_delta.cli", "fit", "--config", path, *tiny_overrides(config, tmp_path),
+               "--trainer.num_nodes=1", "--trainer.devices=2", "--trainer.accelerator=cpu",
+               "--trainer.precision=32-true", "--trainer.strategy.init_args.data_parallel_size=2",
+               "--trainer.callbacks.init_args.every_n_train_steps=2"]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    checkpoints = sorted(tmp_path.glob("**/*.ckpt"))
+    assert checkpoints, done.stderr[-2000:]
+    state = torch.load(checkpoints[0], weights_only=True)["state_dict"]
+    layers = [n for n in state if n.endswith("lora.A")]
+    assert len(layers) == 2 * 7 and all(".lora." in k for k in state)  # all-linear: 7 projections a layer

@@ -9,6 +9,7 @@ import torch
 from typing_extensions import override
 
 from lightning_delta.checkpoint import META_KEY, attach_from_checkpoint
+from lightning_delta.distributed import is_sharded, shard
 from lightning_delta.handle import trainable_parameters
 from lightning_delta.tasks.sources import resolve_source
 
@@ -44,6 +45,16 @@ class DeltaTask(pl.LightningModule):
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmupDecay(total, int(total * hp.warmup_ratio)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @override
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` / ``DeltaModelParallelStrategy`` (FSDP2): shard the backbone,
+        each delta module and each repeated block in units of their own. Nothing otherwise."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = self._trainer.strategy if self._trainer is not None else None  # None in load_from_checkpoint
+        if isinstance(strategy, ModelParallelStrategy) and not is_sharded(self):
+            shard(self, strategy.device_mesh["data_parallel"])
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
