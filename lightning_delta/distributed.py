@@ -138,20 +138,26 @@ def _like(value: Any, reference: Any) -> Any:
 
 # -- FSDP1 -------------------------------------------------------------------------------------
 def delta_wrap_policy(block_types: Iterable[type[nn.Module]] = ()) -> Callable[..., bool]:
-    """An FSDP1 auto-wrap policy: each delta module is a unit of its own, and so is each block.
+    """An FSDP1 auto-wrap policy: each delta module, each module whose own parameters are all
+    trainable (e.g. a ``trainable=["classifier"]`` head) and each block is a unit of its own.
 
     FSDP1 flattens a unit's parameters into one flat parameter that needs one dtype and one
-    ``requires_grad``; with deltas in their own units, trainable fp32 delta tensors never share a
-    flat parameter with frozen (possibly bf16) backbone tensors, so ``use_orig_params=False`` works.
+    ``requires_grad``; with trained tensors in units of their own they never share a flat parameter
+    with frozen (possibly bf16) backbone tensors, so ``use_orig_params=False`` works and frozen
+    flat parameters carry no gradient.
 
     Args:
         block_types: classes of the repeated blocks to wrap too (e.g. ``LlamaDecoderLayer``).
     """
     from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
-    blocks = tuple(block_types)
-    return functools.partial(lambda_auto_wrap_policy,
-                             lambda_fn=lambda m: isinstance(m, Delta) or bool(blocks) and isinstance(m, blocks))
+    return functools.partial(lambda_auto_wrap_policy, lambda_fn=functools.partial(_is_unit, tuple(block_types)))
+
+
+def _is_unit(block_types: tuple[type[nn.Module], ...], module: nn.Module) -> bool:
+    own = list(module.parameters(recurse=False))
+    trained = bool(own) and all(p.requires_grad for p in own)
+    return isinstance(module, Delta) or trained or bool(block_types) and isinstance(module, block_types)
 
 
 def flat_groups(model: nn.Module, wraps: Callable[[nn.Module], bool]) -> dict[str, list[torch.nn.Parameter]]:

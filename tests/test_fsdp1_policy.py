@@ -27,13 +27,16 @@ def uniform(groups):
 @pytest.mark.parametrize("build", [tiny_llama, tiny_bert])
 def test_delta_units_make_every_flat_parameter_uniform(build):
     model = build()
-    attach(model, "lora", r=2).freeze_backbone()
+    head = "classifier" if build is tiny_bert else "lm_head"
+    attach(model, "lora", r=2).freeze_backbone(trainable=[head])
     model.to(torch.bfloat16)  # frozen bf16, deltas stay fp32
+    for p in model.get_submodule(head).parameters():
+        p.data = p.data.float()  # as keep_trainable_fp32 does under bf16-true
     blocks = {type(b) for b in repeated_blocks(model)}
     assert blocks and len(repeated_blocks(model)) == 2
     groups = flat_groups(model, wraps(delta_wrap_policy(blocks)))
     assert uniform(groups)
-    assert sum(1 for unit in groups if unit.endswith(".lora")) == 4
+    assert sum(1 for unit in groups if unit.endswith(".lora")) == 4 and head in groups
     # the same blocks without delta units would mix fp32 trainable and bf16 frozen tensors
     only_blocks = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: isinstance(m, tuple(blocks)))
     assert not uniform(flat_groups(model, wraps(only_blocks)))
