@@ -222,6 +222,8 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        if "GLOBAL" not in str(err):  # a torn or garbled file, not a pickled Python object
+            raise CheckpointReadError(f"cannot read {str(path)!r}: the file is truncated or corrupt") from err
         raise CheckpointReadError(
             f"{str(path)!r} holds Python objects beyond tensors and plain containers; lightning_delta refuses to"
             " unpickle it. If you trust the file, read it yourself with torch.load(path, weights_only=False)"
