@@ -21,7 +21,11 @@ from lightning_delta.errors import (  # noqa: E402
 )
 from lightning_delta.handle import DeltaModel, DeltaSummary, attach, trainable_parameters  # noqa: E402
 from lightning_delta.methods import METHODS, make_config  # noqa: E402
+from lightning_delta.methods.adapter import AdapterConfig  # noqa: E402
 from lightning_delta.methods.bitfit import BitFitConfig  # noqa: E402
+from lightning_delta.methods.dora import DoraConfig  # noqa: E402
+from lightning_delta.methods.ia3 import IA3Config  # noqa: E402
+from lightning_delta.methods.layernorm import LayerNormConfig  # noqa: E402
 from lightning_delta.methods.lora import LoraConfig  # noqa: E402
 from lightning_delta.targets import resolve_targets  # noqa: E402
 
@@ -39,6 +43,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "METHODS",
+    "AdapterConfig",
     "BitFitConfig",
     "CheckpointReadError",
     "Delta",
@@ -51,6 +56,9 @@ __all__ = [
     "DeltaModelParallelStrategy",
     "DeltaStateError",
     "DeltaSummary",
+    "DoraConfig",
+    "IA3Config",
+    "LayerNormConfig",
     "LoraConfig",
     "MergeError",
     "TargetError",

@@ -20,14 +20,7 @@ import torch
 from torch import nn
 
 from lightning_delta.errors import DeltaConfigError, DeltaError, MergeError
-from lightning_delta.targets import (
-    ATTENTION_PRESETS,
-    TargetError,
-    model_type,
-    normalize_patterns,
-    preset_hint,
-    resolve_targets,
-)
+from lightning_delta.targets import ATTENTION_PRESETS, normalize_patterns, preset, resolve_targets
 
 _COMMON_FIELDS = ("targets", "exclude", "name", "delta_dtype")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -80,19 +73,13 @@ class DeltaConfig:
         """Whether this method can attach to ``module``."""
         raise NotImplementedError(f"{type(self).__name__} must implement supports()")
 
-    def build(self, module: nn.Module, seed: int) -> Delta:
-        """A new, unattached delta for ``module`` whose random initial values derive from ``seed``."""
+    def build(self, module: nn.Module, seed: int, path: str) -> Delta:
+        """A new, unattached delta for ``module`` (at dotted ``path``); random initial values derive from ``seed``."""
         raise NotImplementedError(f"{type(self).__name__} must implement build()")
 
     def preset(self, model: nn.Module) -> list[str]:
-        """Targets used when ``targets`` is ``None``: the attention projections of the model type."""
-        kind = model_type(model)
-        if kind not in ATTENTION_PRESETS:
-            raise TargetError(
-                f"{self.method!r} has no preset for model type {kind!r}: pass targets explicitly, e.g."
-                f" targets=['query', 'value'] or targets='all-linear'. {preset_hint()}"
-            )
-        return list(ATTENTION_PRESETS[kind])
+        """Targets used when ``targets`` is ``None``: the attention query and value projections."""
+        return preset(ATTENTION_PRESETS, model, self.method, "query and value projections")
 
     def hparams(self) -> dict[str, Any]:
         """The method's own hyper-parameters (everything but targets, exclude and name)."""
@@ -151,12 +138,14 @@ class Delta(nn.Module):
         target.register_forward_hook(self.forward_hook, with_kwargs=True)
 
     def unhook_from(self, target: nn.Module) -> None:
-        """Removes every hook this delta installed on ``target``."""
-        mine = [k for k, hook in target._forward_hooks.items() if getattr(hook, "__self__", None) is self]
-        for key in mine:
-            del target._forward_hooks[key]
-            target._forward_hooks_with_kwargs.pop(key, None)
-            target._forward_hooks_always_called.pop(key, None)
+        """Removes every hook this delta installed on ``target`` (forward and pre-forward)."""
+        for hooks, extras in ((target._forward_hooks, (target._forward_hooks_with_kwargs,
+                                                       target._forward_hooks_always_called)),
+                              (target._forward_pre_hooks, (target._forward_pre_hooks_with_kwargs,))):
+            for key in [k for k, hook in hooks.items() if getattr(hook, "__self__", None) is self]:
+                del hooks[key]
+                for extra in extras:
+                    extra.pop(key, None)
 
     def merge_blocker(self, target: nn.Module) -> str | None:
         """Why this delta cannot be merged into ``target``, or ``None`` if it can."""
@@ -240,7 +229,7 @@ def attach_config(model: nn.Module, config: DeltaConfig, seed: int | None = None
             raise DeltaConfigError(
                 f"{target_name!r} already has an attribute {name!r}; pass another delta name, e.g. name='{name}_delta'"
             )
-        built.append((target, config.build(target, delta_seed(seed, f"{target_name}.{name}"))))
+        built.append((target, config.build(target, delta_seed(seed, f"{target_name}.{name}"), target_name)))
     config = dataclasses.replace(config, name=name)
     for target, delta in built:
         delta.config = config

@@ -51,6 +51,58 @@ ATTENTION_PRESETS: dict[str, tuple[str, ...]] = {
     "vit": ("query", "value"),
 }
 
+_BERT_LIKE = ("bert", "roberta", "xlm-roberta", "electra", "vit")
+_LLAMA_LIKE = ("llama", "mistral", "qwen2")
+
+#: Outputs of each attention block, before its residual: Houlsby adapters go here.
+ATTENTION_OUTPUT_PRESETS: dict[str, tuple[str, ...]] = {
+    **{k: ("attention.output.dense",) for k in _BERT_LIKE},
+    **{k: ("self_attn.o_proj",) for k in _LLAMA_LIKE},
+    "distilbert": ("attention.out_lin",),
+    "gpt2": ("attn.c_proj",),
+    "t5": ("SelfAttention.o", "EncDecAttention.o"),
+    "mt5": ("SelfAttention.o", "EncDecAttention.o"),
+    "bart": ("self_attn.out_proj", "encoder_attn.out_proj"),
+}
+
+#: Outputs of each feed-forward block, before its residual: Houlsby and Pfeiffer adapters.
+FFN_OUTPUT_PRESETS: dict[str, tuple[str, ...]] = {
+    **{k: (r"re:.*layer\.\d+\.output\.dense",) for k in _BERT_LIKE},
+    **{k: ("mlp.down_proj",) for k in _LLAMA_LIKE},
+    "distilbert": ("ffn.lin2",),
+    "gpt2": ("mlp.c_proj",),
+    "t5": ("DenseReluDense.wo",),
+    "mt5": ("DenseReluDense.wo",),
+    "bart": ("fc2",),
+}
+
+#: Key and value projections (GPT-2 fuses q, k and v in ``c_attn``): IA3 scales their outputs.
+KEY_VALUE_PRESETS: dict[str, tuple[str, ...]] = {
+    **{k: ("key", "value") for k in _BERT_LIKE},
+    **{k: ("k_proj", "v_proj") for k in _LLAMA_LIKE},
+    "distilbert": ("k_lin", "v_lin"),
+    "gpt2": ("c_attn",),
+    "t5": ("k", "v"),
+    "mt5": ("k", "v"),
+    "bart": ("k_proj", "v_proj"),
+}
+
+
+def preset(table: dict[str, tuple[str, ...]], model: nn.Module, method: str, what: str) -> list[str]:
+    """The targets ``table`` lists for ``model.config.model_type``.
+
+    Raises:
+        TargetError: the model type has no entry; the message says how to pass targets.
+    """
+    kind = model_type(model)
+    if kind not in table:
+        raise TargetError(
+            f"{method!r} has no preset ({what}) for model type {kind!r}: pass targets explicitly, e.g."
+            f" targets=['attention.output.dense'] or targets='all-linear'. Presets exist for: {', '.join(sorted(table))}"
+        )
+    return list(table[kind])
+
+
 Pattern = str
 
 

@@ -14,9 +14,9 @@ from models import FAMILIES, family_inputs
 class LanguageModel(pl.LightningModule):
     """Causal or seq2seq LM on one fixed batch (labels = inputs), so the loss must fall."""
 
-    def __init__(self, family: str):
+    def __init__(self, family: str, lr: float = 0.02):
         super().__init__()
-        self.family = family
+        self.family, self.lr = family, lr
         self.model = FAMILIES[family]()
 
     def training_step(self, batch, batch_idx):
@@ -35,7 +35,7 @@ class LanguageModel(pl.LightningModule):
         return torch.utils.data.DataLoader(range(64), batch_size=1)
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(trainable_parameters(self), lr=0.02)
+        return torch.optim.AdamW(trainable_parameters(self), lr=self.lr)
 
 
 @pytest.mark.parametrize("method", ["lora", "bitfit"])

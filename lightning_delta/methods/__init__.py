@@ -8,12 +8,16 @@ from typing import Any
 
 from lightning_delta.core import DeltaConfig
 from lightning_delta.errors import DeltaConfigError
+from lightning_delta.methods.adapter import AdapterConfig
 from lightning_delta.methods.bitfit import BitFitConfig
+from lightning_delta.methods.dora import DoraConfig
+from lightning_delta.methods.ia3 import IA3Config
+from lightning_delta.methods.layernorm import LayerNormConfig
 from lightning_delta.methods.lora import LoraConfig
 
 METHODS: dict[str, type[DeltaConfig]] = {
-    LoraConfig.method: LoraConfig,
-    BitFitConfig.method: BitFitConfig,
+    config.method: config
+    for config in (LoraConfig, DoraConfig, IA3Config, BitFitConfig, LayerNormConfig, AdapterConfig)
 }
 
 

@@ -43,7 +43,7 @@ class BitFitConfig(DeltaConfig):
     def preset(self, model: nn.Module) -> list[str]:
         return [ALL]
 
-    def build(self, module: nn.Module, seed: int) -> BitFit:
+    def build(self, module: nn.Module, seed: int, path: str = "") -> BitFit:
         return BitFit(self, module)
 
 

@@ -56,7 +56,7 @@ class LoraConfig(DeltaConfig):
             return module.groups == 1 and module.padding_mode == "zeros"
         return is_linear_like(module) or isinstance(module, nn.Embedding)
 
-    def build(self, module: nn.Module, seed: int) -> LoRA:
+    def build(self, module: nn.Module, seed: int, path: str = "") -> LoRA:
         if isinstance(module, nn.Embedding):
             delta: LoRA = LoRAEmbedding(self, module)
         elif isinstance(module, nn.Conv2d):

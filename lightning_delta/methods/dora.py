@@ -1,0 +1,88 @@
+"""DoRA (Liu et al., 2024): LoRA's direction update plus a learned per-output magnitude.
+
+``W' = m * (W + s B A) / ||W + s B A||`` with the norm taken per output row and, as in the paper
+and PEFT, detached from the graph. ``m`` starts at ``||W||``, ``B`` at zero: the identity at init.
+Supports ``nn.Linear`` and ``Conv1D``; presets as LoRA. Parameters per target:
+``r * (in + out) + out``. ``merge()`` writes ``W'`` into the weight; ``unmerge()`` restores ``W``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_delta.methods.lora import LoraConfig, LoRALinear
+from lightning_delta.targets import is_linear_like
+
+
+@dataclass
+class DoraConfig(LoraConfig):
+    """DoRA takes LoRA's hyper-parameters (r, alpha, dropout, rslora)."""
+
+    method = "dora"
+    supported_types = "nn.Linear and transformers Conv1D"
+
+    def supports(self, module: nn.Module) -> bool:
+        return is_linear_like(module)
+
+    def build(self, module: nn.Module, seed: int, path: str = "") -> DoRA:
+        delta = DoRA(self, module)
+        delta.init_seed = seed
+        delta.reset_parameters()
+        with torch.no_grad():
+            delta.magnitude.copy_(delta.base_weight(module).float().norm(dim=1).to(delta.magnitude.dtype))
+        return delta
+
+
+class DoRA(LoRALinear):
+    """LoRA factors ``A``, ``B`` and a magnitude vector ``m`` of ``out`` entries."""
+
+    def __init__(self, config: DoraConfig, target: nn.Module) -> None:
+        super().__init__(config, target)
+        self.magnitude = nn.Parameter(torch.ones(self.B.shape[0], **self.factory))
+        self.merged_norm: torch.Tensor | None = None
+
+    def base_weight(self, target: nn.Module) -> torch.Tensor:
+        """The target's weight in ``(out, in)`` layout."""
+        return target.weight.T if self.transposed else target.weight
+
+    def _column_norm(self, target: nn.Module) -> torch.Tensor:
+        lora = (self.B @ self.A) * self.scale
+        return (self.base_weight(target).to(lora.dtype) + lora).norm(dim=1).detach()
+
+    def forward_hook(self, target: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        """``output + (g - 1) * W x + g * s * B A dropout(x)`` with ``g = m / ||W + s B A||``."""
+        if self.merged:
+            return output
+        x = args[0] if args else next(iter(kwargs.values()))
+        bias = getattr(target, "bias", None)
+        base = output - bias if bias is not None else output  # W x
+        gain = (self.magnitude / self._column_norm(target)).to(output.dtype)
+        lora = F.linear(F.linear(self.dropout(x), self.A.to(x.dtype)), self.B.to(x.dtype)) * self.scale
+        return output + (gain - 1) * base + gain * lora.to(output.dtype)
+
+    def delta_weight(self, target: nn.Module) -> torch.Tensor:
+        raise NotImplementedError("DoRA merges through merge(), not an additive delta weight")
+
+    @torch.no_grad()
+    def merge(self, target: nn.Module) -> None:
+        if self.merged:
+            return
+        norm = self._column_norm(target)
+        lora = (self.B @ self.A) * self.scale
+        merged = (self.magnitude / norm)[:, None] * (self.base_weight(target).float() + lora)
+        target.weight.copy_((merged.T if self.transposed else merged).to(target.weight.dtype))
+        self.merged_norm, self.merged = norm, True
+
+    @torch.no_grad()
+    def unmerge(self, target: nn.Module) -> None:
+        if not self.merged:
+            return
+        lora = (self.B @ self.A) * self.scale
+        original = self.base_weight(target).float() / (self.magnitude / self.merged_norm)[:, None] - lora
+        target.weight.copy_((original.T if self.transposed else original).to(target.weight.dtype))
+        self.merged_norm, self.merged = None, False

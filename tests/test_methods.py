@@ -1,0 +1,202 @@
+"""Every method: identity at init, gradients only to deltas, training on every family, save/load,
+merge, parameter counts; IA3 and DoRA against PEFT; combinations."""
+
+import copy
+
+import peft
+import pytest
+import torch
+
+from lightning_delta import (
+    AdapterConfig,
+    BitFitConfig,
+    DeltaCallback,
+    DeltaModel,
+    IA3Config,
+    LayerNormConfig,
+    LoraConfig,
+    MergeError,
+    attach,
+    make_config,
+)
+from lightning_helpers import trainer
+from models import FAMILIES, family_inputs, family_output, tiny_bert, tiny_gpt2
+from test_families import LanguageModel
+
+METHODS = ["lora", "dora", "ia3", "bitfit", "layernorm", "adapter"]
+MERGEABLE = ["lora", "dora", "ia3", "bitfit", "layernorm"]
+
+
+def randomize(handle, seed=0, scale=0.2):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in handle.delta_parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return handle
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("method", METHODS + ["pfeiffer"])
+def test_identity_at_init_on_every_family(method, family):
+    model = FAMILIES[family]().eval()
+    inputs = family_inputs(family)
+    reference = family_output(model, inputs)
+    config = AdapterConfig(placement="pfeiffer") if method == "pfeiffer" else method
+    handle = attach(model, config)
+    assert handle.deltas()
+    torch.testing.assert_close(family_output(model, inputs), reference, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradients_reach_only_delta_parameters(method):
+    model = tiny_bert()
+    handle = attach(model, method).freeze_backbone()
+    randomize(handle)  # away from init, so every delta tensor gets a gradient
+    model(**family_inputs("bert"), labels=torch.tensor([0, 1])).loss.backward()
+    delta = {id(p) for p in handle.delta_parameters()}
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == (id(p) in delta), name
+        if id(p) in delta:
+            assert p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("method", METHODS)
+def test_thirty_steps_lower_the_loss(tmp_path, method, family):
+    module = LanguageModel(family, lr=0.05)
+    module.losses = []
+    trainer(tmp_path, [DeltaCallback(method)], max_steps=30).fit(module)
+    # deterministic (fixed batch, no dropout): any drop is learning; a delta cut off from the
+    # gradient would leave the loss exactly where it started
+    assert sum(module.losses[-5:]) < 0.9995 * sum(module.losses[:5]), module.losses
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_load_round_trip_gives_identical_outputs(method):
+    base = tiny_gpt2().eval()
+    twin = copy.deepcopy(base)
+    handle = randomize(attach(base, method).freeze_backbone())
+    expected = family_output(base, family_inputs("gpt2"))
+    attach(twin, method).freeze_backbone().load_delta_state_dict(handle.delta_state_dict())
+    torch.testing.assert_close(family_output(twin, family_inputs("gpt2")), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("method", MERGEABLE)
+def test_merge_gives_the_unmerged_outputs_and_unmerge_restores(method, family):
+    model = FAMILIES[family]().eval()
+    inputs = family_inputs(family)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = randomize(attach(model, method))
+    unmerged = family_output(model, inputs)
+    if method == "bitfit" and family == "llama":  # Llama's linears have no bias to fold into
+        with pytest.raises(MergeError, match="no bias"):
+            handle.merge()
+        return
+    handle.merge()
+    torch.testing.assert_close(family_output(model, inputs), unmerged, rtol=1e-4, atol=1e-5)
+    handle.unmerge()
+    for key, value in weights.items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_adapter_refuses_merge():
+    with pytest.raises(MergeError, match="'adapter' has no merge"):
+        attach(tiny_bert(), "adapter").merge()
+
+
+# -- parameter counts on a tiny BERT (hidden 32, intermediate 64, 2 layers, 2 labels) -----------
+H, I, L = 32, 64, 2
+
+
+@pytest.mark.parametrize(
+    ("config", "count"),
+    [
+        (AdapterConfig(bottleneck_dim=8), L * 2 * (2 * H * 8 + 8 + H)),  # attention and FFN outputs
+        (AdapterConfig(bottleneck_dim=8, placement="pfeiffer"), L * (2 * H * 8 + 8 + H)),
+        (IA3Config(), L * (H + H + I)),  # key, value outputs; FFN down projection input
+        (LayerNormConfig(), (1 + 2 * L) * 2 * H),  # embeddings LN + two per layer, gain and bias
+        (LoraConfig(r=4), L * 2 * 4 * (H + H)),
+        ("dora", L * 2 * (8 * (H + H) + H)),
+        # q, k, v, attention output, its LN, intermediate, output, its LN; embeddings LN and pooler
+        (BitFitConfig(), L * (7 * H + I) + 2 * H),
+    ],
+)
+def test_trainable_parameter_count_equals_the_formula(config, count):
+    assert attach(tiny_bert(), config).summary().delta == count
+
+
+# -- against PEFT ---------------------------------------------------------------------------------
+def test_ia3_equals_peft_with_the_same_vectors():
+    base = tiny_bert().eval()
+    model = copy.deepcopy(base)
+    handle = randomize(attach(model, "ia3"))
+    twin = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(
+        target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"],
+        exclude_modules=["attention.output.dense"]))
+    state = {}
+    for d in handle.deltas():
+        vector = d.module.scale.detach()
+        state[f"base_model.model.{d.target_path}.ia3_l.default"] = vector[None, :] if d.module.on_input \
+            else vector[:, None]
+    missing = set(state) - set(twin.state_dict())
+    assert not missing, missing
+    twin.load_state_dict(state, strict=False)
+    inputs = family_inputs("bert")
+    assert not torch.allclose(model(**inputs).logits, base(**inputs).logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(model(**inputs).logits, twin.eval()(**inputs).logits, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("build", [tiny_bert, tiny_gpt2])
+def test_dora_equals_peft_with_the_same_factors(build):
+    base = build().eval()
+    model = copy.deepcopy(base)
+    targets = ["query", "value"] if build is tiny_bert else ["c_attn"]
+    handle = randomize(attach(model, "dora", targets=targets, r=4, alpha=8))
+    twin = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, use_dora=True, fan_in_fan_out=build is tiny_gpt2))
+    state = {}
+    for d in handle.deltas():
+        prefix = f"base_model.model.{d.target_path}"
+        state[f"{prefix}.lora_A.default.weight"] = d.module.A.detach()
+        state[f"{prefix}.lora_B.default.weight"] = d.module.B.detach()
+        state[f"{prefix}.lora_magnitude_vector.default.weight"] = d.module.magnitude.detach()
+    assert not set(state) - set(twin.state_dict())
+    twin.load_state_dict(state, strict=False)
+    family = "bert" if build is tiny_bert else "gpt2"
+    inputs = family_inputs(family)
+    assert not torch.allclose(family_output(model, inputs), family_output(base, inputs), rtol=0, atol=1e-5)
+    torch.testing.assert_close(family_output(model, inputs), family_output(twin.eval(), inputs),
+                               rtol=1e-5, atol=1e-5)
+
+
+# -- combinations ---------------------------------------------------------------------------------
+COMBOS = [["lora", "bitfit"], ["adapter", "ia3"], ["lora", "layernorm", "adapter"], ["dora", "bitfit"]]
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=["+".join(c) for c in COMBOS])
+def test_combinations_train_save_load_and_detach_one(tmp_path, combo):
+    module = LanguageModel("gpt2", lr=0.05)
+    module.losses = []
+    configs = [AdapterConfig() if m == "adapter" else m for m in combo]
+    trainer(tmp_path, [DeltaCallback([make_config(c) for c in configs])], max_steps=20).fit(module)
+    assert sum(module.losses[-5:]) < 0.98 * sum(module.losses[:5])
+    model = module.model.eval()
+    handle = DeltaModel(model)
+    assert set(handle.configs) == set(combo)
+    inputs = family_inputs("gpt2")
+    expected = family_output(model, inputs)
+
+    twin = FAMILIES["gpt2"]().eval()
+    twin.load_state_dict({k: v for k, v in model.state_dict().items() if k in twin.state_dict()})
+    twin_handle = attach(twin, [make_config(c) for c in configs]).freeze_backbone()
+    twin_handle.load_delta_state_dict(handle.delta_state_dict())
+    torch.testing.assert_close(family_output(twin, inputs), expected, rtol=0, atol=0)
+
+    # detaching one equals never having attached it
+    handle.detach(combo[0])
+    rest = FAMILIES["gpt2"]().eval()
+    rest.load_state_dict({k: v for k, v in model.state_dict().items() if k in rest.state_dict()})
+    rest_handle = attach(rest, [make_config(c) for c in configs[1:]]).freeze_backbone()
+    rest_handle.load_delta_state_dict(handle.delta_state_dict())
+    torch.testing.assert_close(family_output(model, inputs), family_output(rest, inputs), rtol=0, atol=0)
