@@ -23,10 +23,13 @@ from lightning_delta.handle import DeltaModel, DeltaSummary, attach, trainable_p
 from lightning_delta.methods import METHODS, make_config  # noqa: E402
 from lightning_delta.methods.adapter import AdapterConfig  # noqa: E402
 from lightning_delta.methods.bitfit import BitFitConfig  # noqa: E402
+from lightning_delta.methods.compacter import CompacterConfig  # noqa: E402
 from lightning_delta.methods.dora import DoraConfig  # noqa: E402
 from lightning_delta.methods.ia3 import IA3Config  # noqa: E402
 from lightning_delta.methods.layernorm import LayerNormConfig  # noqa: E402
 from lightning_delta.methods.lora import LoraConfig  # noqa: E402
+from lightning_delta.methods.low_rank_adapter import LowRankAdapterConfig  # noqa: E402
+from lightning_delta.methods.parallel_adapter import ParallelAdapterConfig  # noqa: E402
 from lightning_delta.targets import resolve_targets  # noqa: E402
 
 _LIGHTNING_NAMES = {"DeltaCallback": "callback", "find_backbone": "callback",
@@ -46,6 +49,7 @@ __all__ = [
     "AdapterConfig",
     "BitFitConfig",
     "CheckpointReadError",
+    "CompacterConfig",
     "Delta",
     "DeltaCallback",
     "DeltaCheckpointHooks",
@@ -60,7 +64,9 @@ __all__ = [
     "IA3Config",
     "LayerNormConfig",
     "LoraConfig",
+    "LowRankAdapterConfig",
     "MergeError",
+    "ParallelAdapterConfig",
     "TargetError",
     "UnsupportedModuleError",
     "attach",

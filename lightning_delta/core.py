@@ -77,6 +77,9 @@ class DeltaConfig:
         """A new, unattached delta for ``module`` (at dotted ``path``); random initial values derive from ``seed``."""
         raise NotImplementedError(f"{type(self).__name__} must implement build()")
 
+    def tie(self, deltas: list[Delta]) -> None:
+        """Shares tensors across the deltas of one attach (e.g. Compacter's hypercomplex rules); no-op."""
+
     def preset(self, model: nn.Module) -> list[str]:
         """Targets used when ``targets`` is ``None``: the attention query and value projections."""
         return preset(ATTENTION_PRESETS, model, self.method, "query and value projections")
@@ -230,6 +233,7 @@ def attach_config(model: nn.Module, config: DeltaConfig, seed: int | None = None
                 f"{target_name!r} already has an attribute {name!r}; pass another delta name, e.g. name='{name}_delta'"
             )
         built.append((target, config.build(target, delta_seed(seed, f"{target_name}.{name}"), target_name)))
+    config.tie([delta for _, delta in built])
     config = dataclasses.replace(config, name=name)
     for target, delta in built:
         delta.config = config

@@ -209,9 +209,10 @@ class DeltaModel:
     def summary(self) -> DeltaSummary:
         """Total, trainable and delta parameter counts."""
         params = dict((id(p), p) for p in self.model.parameters())
-        per_delta: dict[str, int] = {}
+        owned: dict[str, dict[int, int]] = {}  # delta name -> unique parameters (shared ones once)
         for d in self.deltas():
-            per_delta[d.name] = per_delta.get(d.name, 0) + sum(p.numel() for p in d.module.parameters())
+            owned.setdefault(d.name, {}).update((id(p), p.numel()) for p in d.module.parameters())
+        per_delta = {name: sum(sizes.values()) for name, sizes in owned.items()}
         return DeltaSummary(
             total=sum(p.numel() for p in params.values()),
             trainable=sum(p.numel() for p in params.values() if p.requires_grad),

@@ -76,6 +76,18 @@ FFN_OUTPUT_PRESETS: dict[str, tuple[str, ...]] = {
     "bart": ("fc2",),
 }
 
+#: Feed-forward blocks, for adapters in parallel with them. BERT-style blocks have no module
+#: holding the whole feed-forward path; their ``*Output(hidden_states, input_tensor)`` receives
+#: the feed-forward input as ``input_tensor``, which the parallel adapter reads and adds to.
+PARALLEL_FFN_PRESETS: dict[str, tuple[str, ...]] = {
+    **{k: (r"re:.*layer\.\d+\.output",) for k in _BERT_LIKE},
+    **{k: ("mlp",) for k in _LLAMA_LIKE},
+    "distilbert": ("ffn",),
+    "gpt2": ("mlp",),
+    "t5": ("DenseReluDense",),
+    "mt5": ("DenseReluDense",),
+}
+
 #: Key and value projections (GPT-2 fuses q, k and v in ``c_attn``): IA3 scales their outputs.
 KEY_VALUE_PRESETS: dict[str, tuple[str, ...]] = {
     **{k: ("key", "value") for k in _BERT_LIKE},

@@ -10,14 +10,18 @@ from lightning_delta.core import DeltaConfig
 from lightning_delta.errors import DeltaConfigError
 from lightning_delta.methods.adapter import AdapterConfig
 from lightning_delta.methods.bitfit import BitFitConfig
+from lightning_delta.methods.compacter import CompacterConfig
 from lightning_delta.methods.dora import DoraConfig
 from lightning_delta.methods.ia3 import IA3Config
 from lightning_delta.methods.layernorm import LayerNormConfig
 from lightning_delta.methods.lora import LoraConfig
+from lightning_delta.methods.low_rank_adapter import LowRankAdapterConfig
+from lightning_delta.methods.parallel_adapter import ParallelAdapterConfig
 
 METHODS: dict[str, type[DeltaConfig]] = {
     config.method: config
-    for config in (LoraConfig, DoraConfig, IA3Config, BitFitConfig, LayerNormConfig, AdapterConfig)
+    for config in (LoraConfig, DoraConfig, IA3Config, BitFitConfig, LayerNormConfig, AdapterConfig,
+                   ParallelAdapterConfig, LowRankAdapterConfig, CompacterConfig)
 }
 
 
