@@ -77,6 +77,12 @@ class DeltaConfig:
         """A new, unattached delta for ``module`` (at dotted ``path``); random initial values derive from ``seed``."""
         raise NotImplementedError(f"{type(self).__name__} must implement build()")
 
+    def target_names(self, model: nn.Module) -> list[str]:
+        """Dotted names of the modules this config attaches to in ``model`` (targets or the preset)."""
+        patterns = self.preset(model) if self.targets is None else self.targets
+        return resolve_targets(model, patterns, self.supports, exclude=self.exclude, method=self.method,
+                               supported_types=self.supported_types)
+
     def tie(self, deltas: list[Delta]) -> None:
         """Shares tensors across the deltas of one attach (e.g. Compacter's hypercomplex rules); no-op."""
 
@@ -215,15 +221,7 @@ def attach_config(model: nn.Module, config: DeltaConfig, seed: int | None = None
     ``torch.initial_seed()``) and each delta's path, see :func:`delta_seed`.
     """
     seed = torch.initial_seed() if seed is None else seed
-    patterns = config.preset(model) if config.targets is None else config.targets
-    names = resolve_targets(
-        model,
-        patterns,
-        config.supports,
-        exclude=config.exclude,
-        method=config.method,
-        supported_types=config.supported_types,
-    )
+    names = config.target_names(model)
     name = _free_name(model, config)
     built: list[tuple[nn.Module, Delta]] = []
     for target_name in names:

@@ -19,6 +19,7 @@ from lightning_delta import (
     LowRankAdapterConfig,
     MergeError,
     ParallelAdapterConfig,
+    PromptConfig,
     attach,
     make_config,
 )
@@ -26,8 +27,9 @@ from lightning_helpers import trainer
 from models import FAMILIES, family_inputs, family_output, tiny_bert, tiny_gpt2
 from test_families import LanguageModel
 
-METHODS = ["lora", "dora", "ia3", "bitfit", "layernorm", "adapter", "parallel_adapter", "low_rank_adapter",
-           "compacter"]
+IDENTITY_AT_INIT = ["lora", "dora", "ia3", "bitfit", "layernorm", "adapter", "parallel_adapter", "low_rank_adapter",
+                    "compacter"]
+METHODS = IDENTITY_AT_INIT + ["prompt"]
 MERGEABLE = ["lora", "dora", "ia3", "bitfit", "layernorm"]
 
 
@@ -40,7 +42,7 @@ def randomize(handle, seed=0, scale=0.2):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("method", METHODS + ["pfeiffer"])
+@pytest.mark.parametrize("method", IDENTITY_AT_INIT + ["pfeiffer"])
 def test_identity_at_init_on_every_family(method, family):
     model = FAMILIES[family]().eval()
     inputs = family_inputs(family)
@@ -69,7 +71,10 @@ def test_gradients_reach_only_delta_parameters(method):
 def test_thirty_steps_lower_the_loss(tmp_path, method, family):
     module = LanguageModel(family, lr=0.05)
     module.losses = []
-    trainer(tmp_path, [DeltaCallback(method)], max_steps=30).fit(module)
+    # a soft prompt in front of a frozen, random classification head has nothing to steer: train the
+    # head with it, as PEFT does for sequence classification (modules_to_save)
+    trainable = "classifier" if (method, family) == ("prompt", "bert") else None
+    trainer(tmp_path, [DeltaCallback(method, trainable=trainable)], max_steps=30).fit(module)
     # deterministic (fixed batch, no dropout): any drop is learning; a delta cut off from the
     # gradient would leave the loss exactly where it started
     assert sum(module.losses[-5:]) < 0.9995 * sum(module.losses[:5]), module.losses
@@ -104,8 +109,8 @@ def test_merge_gives_the_unmerged_outputs_and_unmerge_restores(method, family):
         torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["adapter", "parallel_adapter", "low_rank_adapter", "compacter"])
-def test_adapters_refuse_merge(method):
+@pytest.mark.parametrize("method", ["adapter", "parallel_adapter", "low_rank_adapter", "compacter", "prompt"])
+def test_additive_methods_refuse_merge(method):
     with pytest.raises(MergeError, match=f"'{method}' has no merge"):
         attach(tiny_bert(), method).merge()
 
@@ -135,6 +140,7 @@ H, I, L = 32, 64, 2
         (LowRankAdapterConfig(bottleneck_dim=8, rank=2), L * 2 * (2 * 2 * (H + 8) + 8 + H)),
         # PHM: n * (b/n * k + k * d/n) per projection, biases, and the n^3 rules shared once
         (CompacterConfig(bottleneck_dim=8, phm_dim=4, rank=1), L * 2 * (2 * (8 + H) + 8 + H) + 4 ** 3),
+        (PromptConfig(num_virtual_tokens=5), 5 * H),
         # q, k, v, attention output, its LN, intermediate, output, its LN; embeddings LN and pooler
         (BitFitConfig(), L * (7 * H + I) + 2 * H),
     ],
@@ -189,7 +195,7 @@ def test_dora_equals_peft_with_the_same_factors(build):
 
 # -- combinations ---------------------------------------------------------------------------------
 COMBOS = [["lora", "bitfit"], ["adapter", "ia3"], ["lora", "layernorm", "adapter"], ["dora", "bitfit"],
-          ["parallel_adapter", "lora"], ["compacter", "bitfit"]]
+          ["parallel_adapter", "lora"], ["compacter", "bitfit"], ["prompt", "lora"]]
 
 
 @pytest.mark.parametrize("combo", COMBOS, ids=["+".join(c) for c in COMBOS])

@@ -1,0 +1,174 @@
+"""Soft prompt tuning (Lester et al., 2021): ``num_virtual_tokens`` learned embeddings prepended to
+the input embeddings, the backbone untouched.
+
+The delta is a child of the model itself (``prompt.embedding``) and rewrites the model's inputs
+in a forward pre-hook, as PEFT does: ``input_ids`` become ``inputs_embeds`` with the prompt in
+front, ``attention_mask`` gains ``num_virtual_tokens`` ones, ``labels`` of decoder-only models
+gain ``-100`` (no loss on the prompt), ``token_type_ids`` gain zeros, and ``position_ids`` are
+dropped so the model numbers the longer sequence itself. Works for encoders (BERT), decoders
+(GPT-2, Llama) and encoder-decoders (T5: prompt on the encoder side), ``generate()`` included.
+Initialised from the embeddings of random vocabulary tokens (``init="vocab"``) or at random.
+Parameters: ``num_virtual_tokens * hidden``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_delta.core import Delta, DeltaConfig
+from lightning_delta.errors import UnsupportedModuleError
+
+INITS = ("vocab", "random")
+
+
+@dataclass
+class PromptConfig(DeltaConfig):
+    """Soft prompt hyper-parameters.
+
+    Args:
+        num_virtual_tokens: length of the soft prompt (> 0).
+        init: ``"vocab"`` (embeddings of random vocabulary tokens) or ``"random"`` (normal, the
+            embeddings' standard deviation).
+    """
+
+    method = "prompt"
+    supported_types = "models with get_input_embeddings() (transformers PreTrainedModel)"
+
+    num_virtual_tokens: int = 20
+    init: str = "vocab"
+
+    def validate(self) -> None:
+        n = self.num_virtual_tokens
+        self.check_range("num_virtual_tokens", n, isinstance(n, int) and not isinstance(n, bool) and n > 0,
+                         "a positive integer, e.g. num_virtual_tokens=20")
+        self.check_range("init", self.init, self.init in INITS, f"one of {list(INITS)}")
+
+    def supports(self, module: nn.Module) -> bool:
+        return callable(getattr(module, "get_input_embeddings", None))
+
+    def target_names(self, model: nn.Module) -> list[str]:
+        """The model itself: the prompt rewrites its inputs."""
+        if self.targets not in (None, [], [""]):
+            raise UnsupportedModuleError(
+                f"prompt attaches to the whole model, not to targets {self.targets!r}: pass targets=None")
+        if not self.supports(model):
+            raise UnsupportedModuleError(
+                f"prompt needs a model with get_input_embeddings(), not {type(model).__name__}; attach it to the"
+                " transformers model (DeltaCallback(module=...) names it inside a LightningModule)")
+        return [""]
+
+    def build(self, module: nn.Module, seed: int, path: str = "") -> SoftPrompt:
+        return SoftPrompt(self, module, seed)
+
+
+class SoftPrompt(Delta):
+    """The learned prompt and the pre-hook that puts it in front of the inputs."""
+
+    def __init__(self, config: PromptConfig, model: nn.Module, seed: int) -> None:
+        embeddings = model.get_input_embeddings()
+        super().__init__(config, embeddings)
+        self.num_virtual_tokens = config.num_virtual_tokens
+        self.encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        self.embedding = nn.Parameter(torch.empty(config.num_virtual_tokens, embeddings.weight.shape[1],
+                                                  **self.factory))
+        self.init, self.init_seed = config.init, seed
+        self._signature = tuple(inspect.signature(model.forward).parameters)
+        self.reset_parameters(embeddings.weight)
+
+    @torch.no_grad()
+    def reset_parameters(self, vocabulary: torch.Tensor | None = None) -> None:
+        """From the embeddings of random vocabulary tokens, or normal with their standard deviation."""
+        if self.embedding.device.type == "meta" or vocabulary is None or vocabulary.device.type == "meta":
+            return
+        generator = torch.Generator().manual_seed(self.init_seed)
+        if self.init == "vocab":
+            rows = torch.randint(0, vocabulary.shape[0], (self.num_virtual_tokens,), generator=generator)
+            values = vocabulary.detach().float().cpu()[rows]
+        else:
+            std = float(vocabulary.detach().float().std())
+            values = torch.randn(self.embedding.shape, generator=generator) * std
+        self.embedding.copy_(values.to(self.embedding.device, self.embedding.dtype))
+
+    def hook_into(self, target: nn.Module) -> None:
+        """Decoder-only and encoder models: one pre-hook on the model. Encoder-decoder models: the
+        prompt goes in front of the encoder's inputs (also when ``generate()`` runs the encoder by
+        itself), and the model's pre-hook extends the mask the decoder's cross-attention reads."""
+        target.register_forward_pre_hook(self.pre_hook, with_kwargs=True)
+        if self.encoder_decoder:
+            target.get_encoder().register_forward_pre_hook(self.encoder_pre_hook, with_kwargs=True)
+
+    def unhook_from(self, target: nn.Module) -> None:
+        super().unhook_from(target)
+        if self.encoder_decoder:
+            super().unhook_from(target.get_encoder())
+
+    def _ones(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.ones(like.shape[0], self.num_virtual_tokens, dtype=like.dtype, device=like.device)
+
+    def _extend_mask(self, kwargs: dict, length: int) -> None:
+        """Prepends ones to ``attention_mask`` unless it already covers ``length`` positions."""
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and mask.shape[1] + self.num_virtual_tokens == length:
+            kwargs["attention_mask"] = torch.cat((self._ones(mask), mask), dim=1)
+
+    def _prepend(self, module: nn.Module, kwargs: dict, embedding_owner: nn.Module) -> None:
+        """``input_ids`` -> ``inputs_embeds`` with the prompt in front; types, labels, positions follow."""
+        ids = kwargs.pop("input_ids", None)
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            embeds = embedding_owner.get_input_embeddings()(ids)
+        prompt = self.embedding.to(embeds.dtype).expand(embeds.shape[0], -1, -1)
+        kwargs["inputs_embeds"] = torch.cat((prompt, embeds), dim=1)
+        length = kwargs["inputs_embeds"].shape[1]
+        self._extend_mask(kwargs, length)
+        labels = kwargs.get("labels")
+        if labels is not None and not self.encoder_decoder and labels.dim() == 2:
+            kwargs["labels"] = torch.cat((torch.full_like(self._ones(labels), -100), labels), dim=1)
+        types = kwargs.get("token_type_ids")
+        if types is not None:
+            kwargs["token_type_ids"] = torch.cat((torch.zeros_like(self._ones(types)), types), dim=1)
+        position = kwargs.get("cache_position")
+        if position is not None:
+            kwargs["cache_position"] = torch.arange(length, device=position.device)
+        kwargs.pop("position_ids", None)
+
+    def pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The model's pre-hook (see :meth:`hook_into`)."""
+        kwargs = {**dict(zip(self._signature, args)), **kwargs}
+        if self.encoder_decoder:
+            encoded = kwargs.get("encoder_outputs")
+            if encoded is not None:
+                self._extend_mask(kwargs, encoded[0].shape[1])
+            else:
+                ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+                source = ids if ids is not None else embeds
+                if source is not None:
+                    self._extend_mask(kwargs, source.shape[1] + self.num_virtual_tokens)
+            return (), kwargs
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        if past == 0:
+            self._prepend(model, kwargs, model)
+        else:  # later generation steps: the prompt is in the cache already
+            mask = kwargs.get("attention_mask")
+            if mask is not None:
+                kwargs["attention_mask"] = torch.cat((self._ones(mask), mask), dim=1)
+            if kwargs.get("cache_position") is not None:
+                kwargs["cache_position"] = kwargs["cache_position"] + self.num_virtual_tokens
+            kwargs.pop("position_ids", None)
+        return (), kwargs
+
+    def encoder_pre_hook(self, encoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The encoder's pre-hook (encoder-decoder models)."""
+        names = tuple(inspect.signature(encoder.forward).parameters)
+        kwargs = {**dict(zip(names, args)), **kwargs}
+        self._prepend(encoder, kwargs, encoder)
+        return (), kwargs
+
+    def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:  # pragma: no cover - hook-only
+        raise NotImplementedError("the soft prompt acts through its pre-hook")
