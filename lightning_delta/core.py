@@ -11,7 +11,9 @@ Backbone parameter and buffer names never change.
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
+from collections.abc import Callable
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -113,6 +115,7 @@ class Delta(nn.Module):
     """
 
     mergeable: ClassVar[bool] = False
+    init_seed: int = 0  #: seed of the initial values, from the run's seed and the delta's path
 
     def __init__(self, config: DeltaConfig, target: nn.Module) -> None:
         super().__init__()
@@ -121,6 +124,19 @@ class Delta(nn.Module):
         self.storage_dtype = config.storage_dtype(target)
         #: keyword arguments for new tensors: the target's device, the delta's dtype
         self.factory = {"device": target.weight.device, "dtype": self.storage_dtype}
+
+    def seeded(self, seed: int) -> Delta:
+        """Draws the initial values from ``seed`` (the last step of ``DeltaConfig.build``)."""
+        self.init_seed = seed
+        self.reset_parameters()
+        return self
+
+    def reset_parameters(self) -> None:
+        """Initial values from ``init_seed``; Lightning also calls this to materialise meta tensors."""
+
+    def generator(self) -> torch.Generator:
+        """A CPU generator at ``init_seed``: the same draws on every device and rank."""
+        return torch.Generator().manual_seed(self.init_seed)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Delta:
         """``.to()``, ``.half()``, ... move the delta but keep its ``storage_dtype`` (fp32 under a bf16 model)."""
@@ -186,6 +202,20 @@ def iter_deltas(model: nn.Module, name: str | None = None) -> Iterator[AttachedD
             target_path, _, delta_name = path.rpartition(".")
             if name is None or delta_name == name:
                 yield AttachedDelta(path, target_path, delta_name, module)
+
+
+def fill_(param: torch.Tensor, draw: Callable[[torch.Tensor], Any]) -> None:
+    """Fills ``param`` with values ``draw`` writes into a CPU tensor (meta tensors stay empty)."""
+    if param.device.type != "meta":
+        values = torch.empty(param.shape, dtype=param.dtype)
+        draw(values)
+        with torch.no_grad():
+            param.copy_(values.to(param.device))
+
+
+def kaiming_(param: torch.Tensor, generator: torch.Generator) -> None:
+    """Kaiming-uniform as ``nn.Linear`` initialises its weight, drawn from ``generator``."""
+    fill_(param, lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator))
 
 
 def delta_seed(seed: int, path: str) -> int:

@@ -9,14 +9,13 @@ computes exactly what the backbone did. Parameters per target of width ``d``:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_delta.core import Delta, DeltaConfig
+from lightning_delta.core import Delta, DeltaConfig, kaiming_
 from lightning_delta.targets import ATTENTION_OUTPUT_PRESETS, FFN_OUTPUT_PRESETS, is_linear_like, preset
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
@@ -63,10 +62,7 @@ class AdapterConfig(DeltaConfig):
         return preset(ATTENTION_OUTPUT_PRESETS, model, self.method, "attention outputs") + ffn
 
     def build(self, module: nn.Module, seed: int, path: str = "") -> Adapter:
-        adapter = Adapter(self, module)
-        adapter.init_seed = seed
-        adapter.reset_parameters()
-        return adapter
+        return Adapter(self, module).seeded(seed)
 
 
 class Adapter(Delta):
@@ -80,17 +76,13 @@ class Adapter(Delta):
         self.up_weight = nn.Parameter(torch.zeros(width, bottleneck, **self.factory))
         self.up_bias = nn.Parameter(torch.zeros(width, **self.factory))
         self.activation = config.activation
-        self.init_seed = 0
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """``down`` Kaiming-uniform from ``init_seed``, ``up`` and the biases zero: the identity at init."""
         for p in (self.down_bias, self.up_weight, self.up_bias):
             p.zero_()
-        if self.down_weight.device.type != "meta":
-            w = torch.empty(self.down_weight.shape, dtype=self.down_weight.dtype)
-            nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=torch.Generator().manual_seed(self.init_seed))
-            self.down_weight.copy_(w.to(self.down_weight.device))
+        kaiming_(self.down_weight, self.generator())
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """output ``(..., d)`` -> ``(..., d)``, computed in the output's dtype."""

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_delta.core import Delta
+from lightning_delta.core import Delta, fill_
 from lightning_delta.errors import DeltaConfigError
 from lightning_delta.methods.adapter import ACTIVATIONS, AdapterConfig, out_features
 
@@ -51,10 +51,7 @@ class CompacterConfig(AdapterConfig):
                 f"compacter: {path!r} has width {out_features(module)}, not divisible by phm_dim={self.phm_dim};"
                 " pick a phm_dim that divides the hidden size"
             )
-        adapter = CompacterAdapter(self, module)
-        adapter.init_seed = seed
-        adapter.reset_parameters()
-        return adapter
+        return CompacterAdapter(self, module).seeded(seed)
 
     def tie(self, deltas: list[Delta]) -> None:
         """Every adapter of this attach uses the first one's rules."""
@@ -76,19 +73,16 @@ class CompacterAdapter(Delta):
         self.up_t = nn.Parameter(torch.zeros(n, k, b // n, **self.factory))
         self.up_bias = nn.Parameter(torch.zeros(d, **self.factory))
         self.activation = config.activation
-        self.init_seed = 0
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Rules and factors Glorot-uniform from ``init_seed``, ``up_t`` and biases zero: the identity at init."""
-        generator = torch.Generator().manual_seed(self.init_seed)
+        generator = self.generator()
         for p in (self.down_bias, self.up_t, self.up_bias):
             p.zero_()
         for p in (self.rules, self.down_s, self.down_t, self.up_s):
-            if p.device.type != "meta":
-                bound = math.sqrt(6.0 / (p.shape[-1] + p.shape[-2]))
-                w = torch.empty(p.shape, dtype=p.dtype).uniform_(-bound, bound, generator=generator)
-                p.copy_(w.to(p.device))
+            bound = math.sqrt(6.0 / (p.shape[-1] + p.shape[-2]))
+            fill_(p, lambda t, b=bound: t.uniform_(-b, b, generator=generator))
 
     def _phm(self, s: torch.Tensor, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``sum_i rules_i kron (s_i @ t_i)``: a ``(n * rows, n * cols)`` weight."""

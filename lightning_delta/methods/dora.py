@@ -30,9 +30,7 @@ class DoraConfig(LoraConfig):
         return is_linear_like(module)
 
     def build(self, module: nn.Module, seed: int, path: str = "") -> DoRA:
-        delta = DoRA(self, module)
-        delta.init_seed = seed
-        delta.reset_parameters()
+        delta = DoRA(self, module).seeded(seed)
         with torch.no_grad():
             delta.magnitude.copy_(delta.base_weight(module).float().norm(dim=1).to(delta.magnitude.dtype))
         return delta

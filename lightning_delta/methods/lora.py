@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_delta.core import Delta, DeltaConfig
+from lightning_delta.core import Delta, DeltaConfig, kaiming_
 from lightning_delta.targets import is_linear_like
 
 
@@ -63,9 +63,7 @@ class LoraConfig(DeltaConfig):
             delta = LoRAConv2d(self, module)
         else:
             delta = LoRALinear(self, module)
-        delta.init_seed = seed
-        delta.reset_parameters()
-        return delta
+        return delta.seeded(seed)
 
 
 class LoRA(Delta):
@@ -79,7 +77,6 @@ class LoRA(Delta):
         self.B = nn.Parameter(torch.zeros(b_shape, **self.factory))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scale = config.scale
-        self.init_seed = 0  #: set by LoraConfig.build from the run's seed and the delta's path
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -89,10 +86,7 @@ class LoRA(Delta):
         when it materialises a model built on the meta device.
         """
         self.B.zero_()
-        if self.A.device.type != "meta":
-            a = torch.empty(self.A.shape, dtype=self.A.dtype)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=torch.Generator().manual_seed(self.init_seed))
-            self.A.copy_(a.to(self.A.device))
+        kaiming_(self.A, self.generator())
 
     def delta_weight(self, target: nn.Module) -> torch.Tensor:
         """The update in the layout of ``target.weight``: ``s * B @ A``."""

@@ -8,13 +8,13 @@ projection's outer factor starts at zero). Parameters per target of width ``d`` 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_delta.core import kaiming_
 from lightning_delta.methods.adapter import ACTIVATIONS, Adapter, AdapterConfig, out_features
 
 
@@ -36,10 +36,7 @@ class LowRankAdapterConfig(AdapterConfig):
         self.check_range("rank", self.rank, ok, f"an integer in [1, bottleneck_dim={self.bottleneck_dim}]")
 
     def build(self, module: nn.Module, seed: int, path: str = "") -> LowRankAdapter:
-        adapter = LowRankAdapter(self, module)
-        adapter.init_seed = seed
-        adapter.reset_parameters()
-        return adapter
+        return LowRankAdapter(self, module).seeded(seed)
 
 
 class LowRankAdapter(Adapter):
@@ -55,19 +52,15 @@ class LowRankAdapter(Adapter):
         self.up_right = nn.Parameter(torch.empty(rank, bottleneck, **self.factory))
         self.up_bias = nn.Parameter(torch.zeros(width, **self.factory))
         self.activation = config.activation
-        self.init_seed = 0
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Left/right factors Kaiming-uniform from ``init_seed``; ``up_left`` and the biases zero."""
-        generator = torch.Generator().manual_seed(self.init_seed)
+        generator = self.generator()
         for p in (self.down_bias, self.up_left, self.up_bias):
             p.zero_()
         for p in (self.down_left, self.down_right, self.up_right):
-            if p.device.type != "meta":
-                w = torch.empty(p.shape, dtype=p.dtype)
-                nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
-                p.copy_(w.to(p.device))
+            kaiming_(p, generator)
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """output ``(..., d)`` -> ``(..., d)``, computed in the output's dtype."""

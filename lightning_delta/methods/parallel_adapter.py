@@ -12,7 +12,6 @@ identity at init. Parameters per block of width ``d``: ``2 * d * bottleneck_dim 
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_delta.core import Delta
+from lightning_delta.core import Delta, kaiming_
 from lightning_delta.methods.adapter import ACTIVATIONS, AdapterConfig, out_features
 from lightning_delta.targets import PARALLEL_FFN_PRESETS, is_linear_like, preset
 
@@ -53,10 +52,7 @@ class ParallelAdapterConfig(AdapterConfig):
         return preset(PARALLEL_FFN_PRESETS, model, self.method, "feed-forward blocks")
 
     def build(self, module: nn.Module, seed: int, path: str = "") -> ParallelAdapter:
-        adapter = ParallelAdapter(self, module)
-        adapter.init_seed = seed
-        adapter.reset_parameters()
-        return adapter
+        return ParallelAdapter(self, module).seeded(seed)
 
 
 class ParallelAdapter(Delta):
@@ -73,16 +69,13 @@ class ParallelAdapter(Delta):
         self.down_bias = nn.Parameter(torch.zeros(bottleneck, **self.factory))
         self.up_weight = nn.Parameter(torch.zeros(width_out, bottleneck, **self.factory))
         self.up_bias = nn.Parameter(torch.zeros(width_out, **self.factory))
-        self.activation, self.scale, self.init_seed = config.activation, config.scale, 0
+        self.activation, self.scale = config.activation, config.scale
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         for p in (self.down_bias, self.up_weight, self.up_bias):
             p.zero_()
-        if self.down_weight.device.type != "meta":
-            w = torch.empty(self.down_weight.shape, dtype=self.down_weight.dtype)
-            nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=torch.Generator().manual_seed(self.init_seed))
-            self.down_weight.copy_(w.to(self.down_weight.device))
+        kaiming_(self.down_weight, self.generator())
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         """``scale * up(act(down(x)))`` in ``x``'s dtype; x ``(..., d_in)`` -> ``(..., d_out)``."""

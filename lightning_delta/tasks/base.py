@@ -39,6 +39,31 @@ class DeltaTask(pl.LightningModule):
         self.source = resolve_source(model)
 
     @override
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        return loss
+
+    def evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        """Loss and the task's metrics on one batch, logged as ``{stage}_<name>``."""
+        raise NotImplementedError
+
+    @override
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.evaluate(batch, "val")
+
+    @override
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.evaluate(batch, "test")
+
+    def load_backbone(self, auto_class: str, **kwargs: Any) -> torch.nn.Module:
+        """``transformers.<auto_class>.from_pretrained(source)``, in training mode (``from_pretrained``
+        returns eval mode; Lightning switches modes per stage from there)."""
+        import transformers
+
+        return getattr(transformers, auto_class).from_pretrained(self.source, **kwargs).train()
+
+    @override
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         optimizer = torch.optim.AdamW(trainable_parameters(self), lr=hp.learning_rate, weight_decay=hp.weight_decay)

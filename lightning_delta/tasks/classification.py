@@ -32,10 +32,7 @@ class SequenceClassification(DeltaTask):
         if num_labels < 2:
             raise ValueError(f"num_labels={num_labels} must be at least 2")
         self.save_hyperparameters()
-        from transformers import AutoModelForSequenceClassification
-
-        self.model = AutoModelForSequenceClassification.from_pretrained(self.source, num_labels=num_labels)
-        self.model.train()  # from_pretrained returns eval mode; Lightning switches modes per stage
+        self.model = self.load_backbone("AutoModelForSequenceClassification", num_labels=num_labels)
         self.metrics = torch.nn.ModuleDict({
             f"{stage}_{name}": metric
             for stage in ("val", "test")
@@ -47,13 +44,7 @@ class SequenceClassification(DeltaTask):
         """Logits ``(batch, num_labels)`` for tokenized inputs (a ``labels`` entry is ignored)."""
         return self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
 
-    @override
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss
-        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
-        return loss
-
-    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+    def evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         out = self.model(**batch)
         size = len(batch["labels"])
         self.log(f"{stage}_loss", out.loss, prog_bar=True, batch_size=size)
@@ -61,14 +52,6 @@ class SequenceClassification(DeltaTask):
             metric = self.metrics[f"{stage}_{name}"]
             metric(out.logits, batch["labels"])
             self.log(f"{stage}_{name}", metric, prog_bar=name == "acc", batch_size=size)
-
-    @override
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    @override
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
 
     @override
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:

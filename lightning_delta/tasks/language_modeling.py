@@ -21,13 +21,7 @@ class _LanguageModeling(DeltaTask):
         super().__init__(model, learning_rate, weight_decay, warmup_ratio)
         self.perplexity = torch.nn.ModuleDict({s: Perplexity(ignore_index=IGNORE_INDEX) for s in ("val", "test")})
 
-    @override
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss
-        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
-        return loss
-
-    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+    def evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         out = self.model(**batch)
         logits, labels = out.logits, batch["labels"]
         if self.shift_labels:
@@ -37,14 +31,6 @@ class _LanguageModeling(DeltaTask):
         size = len(batch["input_ids"])
         self.log(f"{stage}_loss", out.loss, prog_bar=True, batch_size=size)
         self.log(f"{stage}_ppl", metric, prog_bar=True, batch_size=size)
-
-    @override
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    @override
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
 
 
 class CausalLanguageModeling(_LanguageModeling):
@@ -63,10 +49,7 @@ class CausalLanguageModeling(_LanguageModeling):
                  warmup_ratio: float = 0.1) -> None:
         super().__init__(model, learning_rate, weight_decay, warmup_ratio)
         self.save_hyperparameters()
-        from transformers import AutoModelForCausalLM
-
-        self.model = AutoModelForCausalLM.from_pretrained(self.source)
-        self.model.train()
+        self.model = self.load_backbone("AutoModelForCausalLM")
 
 
 class Seq2SeqLanguageModeling(_LanguageModeling):
@@ -88,10 +71,7 @@ class Seq2SeqLanguageModeling(_LanguageModeling):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
         self.save_hyperparameters()
-        from transformers import AutoModelForSeq2SeqLM
-
-        self.model = AutoModelForSeq2SeqLM.from_pretrained(self.source)
-        self.model.train()
+        self.model = self.load_backbone("AutoModelForSeq2SeqLM")
         self.exact_match = torch.nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
 
     def _tokens(self, row: torch.Tensor) -> list[int]:
@@ -107,8 +87,8 @@ class Seq2SeqLanguageModeling(_LanguageModeling):
         return out
 
     @override
-    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
-        super()._evaluate(batch, stage)
+    def evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        super().evaluate(batch, stage)
         if not self.hparams.generation_metric:
             return
         generated = self.model.generate(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
