@@ -19,6 +19,7 @@ from lightning_delta import (
     LowRankAdapterConfig,
     MergeError,
     ParallelAdapterConfig,
+    PrefixConfig,
     PromptConfig,
     attach,
     make_config,
@@ -29,7 +30,9 @@ from test_families import LanguageModel
 
 IDENTITY_AT_INIT = ["lora", "dora", "ia3", "bitfit", "layernorm", "adapter", "parallel_adapter", "low_rank_adapter",
                     "compacter"]
-METHODS = IDENTITY_AT_INIT + ["prompt"]
+METHODS = IDENTITY_AT_INIT + ["prompt", "prefix"]
+#: (method, family) pairs that train; prefix tuning does not cover encoder-decoders (T5) yet
+TRAINING = [(m, f) for m in METHODS for f in sorted(FAMILIES) if (m, f) != ("prefix", "t5")]
 MERGEABLE = ["lora", "dora", "ia3", "bitfit", "layernorm"]
 
 
@@ -66,14 +69,13 @@ def test_gradients_reach_only_delta_parameters(method):
             assert p.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("method", "family"), TRAINING)
 def test_thirty_steps_lower_the_loss(tmp_path, method, family):
     module = LanguageModel(family, lr=0.05)
     module.losses = []
     # a soft prompt in front of a frozen, random classification head has nothing to steer: train the
     # head with it, as PEFT does for sequence classification (modules_to_save)
-    trainable = "classifier" if (method, family) == ("prompt", "bert") else None
+    trainable = "classifier" if method in ("prompt", "prefix") and family == "bert" else None
     trainer(tmp_path, [DeltaCallback(method, trainable=trainable)], max_steps=30).fit(module)
     # deterministic (fixed batch, no dropout): any drop is learning; a delta cut off from the
     # gradient would leave the loss exactly where it started
@@ -109,7 +111,7 @@ def test_merge_gives_the_unmerged_outputs_and_unmerge_restores(method, family):
         torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["adapter", "parallel_adapter", "low_rank_adapter", "compacter", "prompt"])
+@pytest.mark.parametrize("method", ["adapter", "parallel_adapter", "low_rank_adapter", "compacter", "prompt", "prefix"])
 def test_additive_methods_refuse_merge(method):
     with pytest.raises(MergeError, match=f"'{method}' has no merge"):
         attach(tiny_bert(), method).merge()
@@ -141,6 +143,7 @@ H, I, L = 32, 64, 2
         # PHM: n * (b/n * k + k * d/n) per projection, biases, and the n^3 rules shared once
         (CompacterConfig(bottleneck_dim=8, phm_dim=4, rank=1), L * 2 * (2 * (8 + H) + 8 + H) + 4 ** 3),
         (PromptConfig(num_virtual_tokens=5), 5 * H),
+        (PrefixConfig(num_virtual_tokens=5), 5 * L * 2 * H),  # keys and values of every layer
         # q, k, v, attention output, its LN, intermediate, output, its LN; embeddings LN and pooler
         (BitFitConfig(), L * (7 * H + I) + 2 * H),
     ],
@@ -195,7 +198,7 @@ def test_dora_equals_peft_with_the_same_factors(build):
 
 # -- combinations ---------------------------------------------------------------------------------
 COMBOS = [["lora", "bitfit"], ["adapter", "ia3"], ["lora", "layernorm", "adapter"], ["dora", "bitfit"],
-          ["parallel_adapter", "lora"], ["compacter", "bitfit"], ["prompt", "lora"]]
+          ["parallel_adapter", "lora"], ["compacter", "bitfit"], ["prompt", "lora"], ["prefix", "ia3"]]
 
 
 @pytest.mark.parametrize("combo", COMBOS, ids=["+".join(c) for c in COMBOS])

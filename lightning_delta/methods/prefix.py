@@ -1,0 +1,142 @@
+"""Prefix tuning (Li & Liang, 2021): learned keys and values in front of every attention layer.
+
+The delta is a child of the model (``prefix.embedding``, laid out as PEFT's prefix tuning:
+``(num_virtual_tokens, num_layers * 2 * kv_heads * head_dim)``). A forward pre-hook builds a
+fresh cache holding the prefix for each forward (layers append to the cache they get, so a
+cache is never reused across forwards), prepends ``num_virtual_tokens`` ones to the attention
+mask and shifts positions by the prefix length, as PEFT does. Works for encoders (BERT) and
+decoders (GPT-2, Llama; ``generate()`` included). Parameters:
+``num_virtual_tokens * num_layers * 2 * kv_heads * head_dim``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lightning_delta.core import Delta, DeltaConfig, fill_
+from lightning_delta.errors import UnsupportedModuleError
+
+
+def _takes_cache(module: nn.Module) -> bool:
+    return "past_key_values" in inspect.signature(module.forward).parameters
+
+
+def cache_owner(model: nn.Module) -> nn.Module:
+    """The module whose forward takes ``past_key_values``: the model, or its base model (a BERT
+    classifier's ``bert``), which then gets the prefix while the head works as before."""
+    if _takes_cache(model):
+        return model
+    base = getattr(model, "base_model", None)
+    if isinstance(base, nn.Module) and base is not model and _takes_cache(base):
+        return base
+    raise UnsupportedModuleError(
+        f"prefix needs a transformers model whose forward takes past_key_values; {type(model).__name__} and its"
+        " base model do not. Use 'prompt' or 'lora' there")
+
+
+def _attention_shape(config: object) -> tuple[int, int, int]:
+    """``(num_layers, kv_heads, head_dim)`` from a transformers config."""
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return layers, kv_heads, head_dim
+
+
+@dataclass
+class PrefixConfig(DeltaConfig):
+    """Prefix tuning hyper-parameters.
+
+    Args:
+        num_virtual_tokens: prefix length per layer (> 0).
+    """
+
+    method = "prefix"
+    supported_types = "transformers encoder or decoder-only models that take past_key_values"
+
+    num_virtual_tokens: int = 20
+
+    def validate(self) -> None:
+        n = self.num_virtual_tokens
+        self.check_range("num_virtual_tokens", n, isinstance(n, int) and not isinstance(n, bool) and n > 0,
+                         "a positive integer, e.g. num_virtual_tokens=20")
+
+    def supports(self, module: nn.Module) -> bool:
+        config = getattr(module, "config", None)
+        return config is not None and not getattr(config, "is_encoder_decoder", False)
+
+    def target_names(self, model: nn.Module) -> list[str]:
+        """The model itself: the prefix enters through its ``past_key_values``."""
+        if self.targets not in (None, [], [""]):
+            raise UnsupportedModuleError(
+                f"prefix attaches to the whole model, not to targets {self.targets!r}: pass targets=None")
+        if not self.supports(model):
+            raise UnsupportedModuleError(
+                f"prefix needs a transformers encoder or decoder-only model, not {type(model).__name__}"
+                " (encoder-decoder models such as T5 are not supported yet); use 'prompt' or 'lora' there")
+        cache_owner(model)
+        return [""]
+
+    def build(self, module: nn.Module, seed: int, path: str = "") -> Prefix:
+        return Prefix(self, module).seeded(seed)
+
+
+class Prefix(Delta):
+    """Learned keys and values for every layer, fed to the model as a fresh cache."""
+
+    def __init__(self, config: PrefixConfig, model: nn.Module) -> None:
+        super().__init__(config, model.get_input_embeddings())
+        self.layers, self.kv_heads, self.head_dim = _attention_shape(model.config)
+        self.num_virtual_tokens = config.num_virtual_tokens
+        width = self.layers * 2 * self.kv_heads * self.head_dim
+        self.embedding = nn.Parameter(torch.empty(config.num_virtual_tokens, width, **self.factory))
+        self._signature = tuple(inspect.signature(cache_owner(model).forward).parameters)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, 1), as PEFT's prefix embedding starts."""
+        generator = self.generator()
+        fill_(self.embedding, lambda t: t.normal_(generator=generator))
+
+    def hook_into(self, target: nn.Module) -> None:
+        cache_owner(target).register_forward_pre_hook(self.pre_hook, with_kwargs=True)
+
+    def unhook_from(self, target: nn.Module) -> None:
+        super().unhook_from(cache_owner(target))
+
+    def cache(self, batch: int, dtype: torch.dtype) -> object:
+        """A new ``DynamicCache`` holding the prefix: per layer, keys and values ``(batch, kv_heads, n, head_dim)``."""
+        from transformers import DynamicCache
+
+        n = self.num_virtual_tokens
+        states = self.embedding.to(dtype).view(n, self.layers * 2, self.kv_heads, self.head_dim)
+        states = states.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch, -1, -1, -1)  # (2L, B, H, n, D)
+        return DynamicCache([(states[2 * i], states[2 * i + 1]) for i in range(self.layers)])
+
+    def pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Injects a fresh prefix cache (first step), extends the mask and shifts positions past the prefix."""
+        kwargs = {**dict(zip(self._signature, args)), **kwargs}
+        n = self.num_virtual_tokens
+        cache = kwargs.get("past_key_values")
+        injected = cache is None or not cache.get_seq_length()
+        if injected:
+            source = kwargs.get("input_ids")
+            source = source if source is not None else kwargs["inputs_embeds"]
+            dtype = model.get_input_embeddings().weight.dtype
+            kwargs["past_key_values"] = self.cache(source.shape[0], dtype)
+            if kwargs.get("cache_position") is not None:  # counted by the caller without the prefix
+                kwargs["cache_position"] = kwargs["cache_position"] + n
+        if kwargs.get("position_ids") is not None:  # token positions start after the prefix
+            kwargs["position_ids"] = kwargs["position_ids"] + n
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            kwargs["attention_mask"] = torch.cat((mask.new_ones(mask.shape[0], n), mask), dim=1)
+        return (), kwargs
+
+    def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:  # pragma: no cover - hook-only
+        raise NotImplementedError("the prefix acts through its pre-hook")

@@ -1,0 +1,67 @@
+"""Prefix tuning equals PEFT's given the same prefix: forward on BERT, GPT-2 and Llama, generate() on
+decoders; a fresh cache every forward; encoder-decoders refused clearly."""
+
+import copy
+
+import peft
+import pytest
+import torch
+
+from lightning_delta import DeltaModel, UnsupportedModuleError, attach
+from models import FAMILIES, family_inputs
+
+TASKS = {"bert": "SEQ_CLS", "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM"}
+
+
+def pair(family, n=3):
+    base = FAMILIES[family]().eval()
+    model = copy.deepcopy(base)
+    attach(model, "prefix", num_virtual_tokens=n)
+    twin = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(task_type=TASKS[family],
+                                                                            num_virtual_tokens=n))
+    twin.load_state_dict({"prompt_encoder.default.embedding.weight": model.prefix.embedding.detach()}, strict=False)
+    return base, model, twin.eval()
+
+
+def inputs_and_labels(family):
+    inputs = family_inputs(family)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs["attention_mask"][1, :2] = 0
+    return inputs, (torch.tensor([0, 1]) if family == "bert" else inputs["input_ids"].clone())
+
+
+@pytest.mark.parametrize("family", sorted(TASKS))
+def test_forward_equals_peft_and_repeats_exactly(family):
+    base, model, twin = pair(family)
+    inputs, labels = inputs_and_labels(family)
+    ours = model(**inputs, labels=labels)
+    torch.testing.assert_close(ours.logits, twin(**inputs, labels=labels).logits, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ours.loss, base(**inputs, labels=labels).loss)
+    again = model(**inputs, labels=labels)  # a fresh cache: nothing accumulates between forwards
+    torch.testing.assert_close(again.logits, ours.logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_generate_equals_peft(family):
+    _, model, twin = pair(family)
+    inputs, _ = inputs_and_labels(family)
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0, "output_scores": True,
+              "return_dict_in_generate": True}
+    ours, theirs = model.generate(**inputs, **kwargs), twin.generate(**inputs, **kwargs)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for a, b in zip(ours.scores, theirs.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_decoder_is_refused_with_alternatives():
+    with pytest.raises(UnsupportedModuleError, match="T5.*'prompt' or 'lora'"):
+        attach(FAMILIES["t5"](), "prefix")
+
+
+def test_prefix_detaches_cleanly():
+    model = FAMILIES["bert"]().eval()
+    inputs, _ = inputs_and_labels("bert")
+    expected = model(**inputs).logits
+    attach(model, "prefix")
+    DeltaModel(model).detach()
+    torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=0)
