@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_delta.checkpointing import enable_checkpointing
 from lightning_delta.checkpoint import META_KEY, DeltaCheckpointHooks, checkpoint_metadata, spec_differences
 from lightning_delta.core import DeltaConfig
 from lightning_delta.distributed import AttachAfterConfigureModel, install_wrap_policy
@@ -76,6 +77,9 @@ class DeltaCallback(Callback):
             transformers ``PreTrainedModel`` it holds.
         exclude: patterns of matched modules to leave out.
         name: the delta's name (default: the method name).
+        gradient_checkpointing: recompute the backbone's blocks in backward instead of keeping their
+            activations (non-reentrant; see :mod:`lightning_delta.checkpointing`).
+        every_n_layers: with ``gradient_checkpointing``, checkpoint every n-th block only.
         **hparams: the method's hyper-parameters, e.g. ``r=8, alpha=16, dropout=0.05``.
 
     Raises:
@@ -90,11 +94,16 @@ class DeltaCallback(Callback):
         module: str | None = None,
         exclude: str | list[str] | None = None,
         name: str | None = None,
+        gradient_checkpointing: bool = False,
+        every_n_layers: int = 1,
         **hparams: Any,
     ) -> None:
         self._configs = to_configs(method, targets, exclude, name, hparams)
         self._trainable = normalize_patterns(trainable)
         self._module = module
+        if every_n_layers < 1:
+            raise DeltaConfigError(f"every_n_layers={every_n_layers} must be at least 1")
+        self._checkpointing = every_n_layers if gradient_checkpointing else 0
 
     @property
     def configs(self) -> list[DeltaConfig]:
@@ -123,6 +132,8 @@ class DeltaCallback(Callback):
         # path, so every rank draws the same ones without a broadcast.
         ensure_attached(backbone, self._configs, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
         handle = DeltaModel(backbone).freeze_backbone(self._trainable)
+        if self._checkpointing:
+            enable_checkpointing(backbone, every_n_layers=self._checkpointing)
         DeltaCheckpointHooks.install(pl_module, path)
         strategy = getattr(getattr(pl_module, "_trainer", None), "strategy", None)
         if isinstance(strategy, FSDPStrategy):

@@ -38,6 +38,30 @@ def cache_owner(model: nn.Module) -> nn.Module:
         " base model do not. Use 'prompt' or 'lora' there")
 
 
+def _storing_cache() -> type:
+    from transformers import DynamicCache
+
+    return DynamicCache
+
+
+_READ_ONLY: type | None = None
+
+
+def _read_only_cache() -> type:
+    """A ``DynamicCache`` whose ``update`` returns prefix + new states without storing the new ones."""
+    global _READ_ONLY
+    if _READ_ONLY is None:
+        from transformers import DynamicCache
+
+        class PrefixCache(DynamicCache):
+            def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+                layer = self.layers[layer_idx]
+                return (torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2))
+
+        _READ_ONLY = PrefixCache
+    return _READ_ONLY
+
+
 def _attention_shape(config: object) -> tuple[int, int, int]:
     """``(num_layers, kv_heads, head_dim)`` from a transformers config."""
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
@@ -109,14 +133,17 @@ class Prefix(Delta):
     def unhook_from(self, target: nn.Module) -> None:
         super().unhook_from(cache_owner(target))
 
-    def cache(self, batch: int, dtype: torch.dtype) -> object:
-        """A new ``DynamicCache`` holding the prefix: per layer, keys and values ``(batch, kv_heads, n, head_dim)``."""
-        from transformers import DynamicCache
+    def cache(self, batch: int, dtype: torch.dtype, store: bool) -> object:
+        """A new cache holding the prefix: per layer, keys and values ``(batch, kv_heads, n, head_dim)``.
 
+        With ``store=False`` (training forwards) layers read the prefix but add nothing to it, so a
+        block recomputed by activation checkpointing sees exactly what it saw the first time.
+        """
         n = self.num_virtual_tokens
         states = self.embedding.to(dtype).view(n, self.layers * 2, self.kv_heads, self.head_dim)
         states = states.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch, -1, -1, -1)  # (2L, B, H, n, D)
-        return DynamicCache([(states[2 * i], states[2 * i + 1]) for i in range(self.layers)])
+        pairs = [(states[2 * i], states[2 * i + 1]) for i in range(self.layers)]
+        return _storing_cache()(pairs) if store else _read_only_cache()(pairs)
 
     def pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Injects a fresh prefix cache (first step), extends the mask and shifts positions past the prefix."""
@@ -128,7 +155,7 @@ class Prefix(Delta):
             source = kwargs.get("input_ids")
             source = source if source is not None else kwargs["inputs_embeds"]
             dtype = model.get_input_embeddings().weight.dtype
-            kwargs["past_key_values"] = self.cache(source.shape[0], dtype)
+            kwargs["past_key_values"] = self.cache(source.shape[0], dtype, store=not model.training)
             if kwargs.get("cache_position") is not None:  # counted by the caller without the prefix
                 kwargs["cache_position"] = kwargs["cache_position"] + n
         if kwargs.get("position_ids") is not None:  # token positions start after the prefix
