@@ -32,7 +32,9 @@ def runs(tmp_path_factory):
     half = run(root / "half", source, 2, 1, "--explicit-shard")
     resumed_2 = run(root / "resume2", source, 2, 2, "--resume", str(root / "half" / "final.ckpt"))
     resumed_1 = run(root / "resume1", source, 1, 2, "--resume", str(root / "half" / "final.ckpt"))
-    return root, {"full": full, "half": half, "resumed_2": resumed_2, "resumed_1": resumed_1}
+    checkpointed = run(root / "checkpointed", source, 2, 2, "--checkpointing")
+    return root, {"full": full, "half": half, "resumed_2": resumed_2, "resumed_1": resumed_1,
+                  "checkpointed": checkpointed}
 
 
 def test_sharded_training_keeps_frozen_parameters_out_of_grads_and_optimizer(runs):
@@ -55,8 +57,8 @@ def test_checkpoint_holds_every_shard_of_every_delta_tensor_and_nothing_else(run
     assert os.path.getsize(root / "full" / "final.ckpt") < 200_000
 
 
-@pytest.mark.parametrize("resumed", ["resumed_2", "resumed_1"])
-def test_resume_on_same_and_smaller_world_size_matches_uninterrupted_run(runs, resumed):
+@pytest.mark.parametrize("resumed", ["resumed_2", "resumed_1", "checkpointed"])
+def test_resume_on_same_and_smaller_world_size_and_checkpointing_match_the_plain_run(runs, resumed):
     _, reports = runs
     want, got = reports["full"]["state"], reports[resumed]["state"]
     assert reports[resumed]["steps"] == 4

@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("max_epochs", type=int)
     parser.add_argument("--resume")
     parser.add_argument("--explicit-shard", action="store_true")
+    parser.add_argument("--checkpointing", action="store_true")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(0)
@@ -79,7 +80,8 @@ def main() -> None:
         accelerator="cpu", devices=args.devices, max_epochs=args.max_epochs, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         strategy=DeltaModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1),
-        callbacks=[DeltaCallback("lora", r=4, targets=["q_proj", "v_proj"]), Report(args.out)],
+        callbacks=[DeltaCallback("lora", r=4, targets=["q_proj", "v_proj"], gradient_checkpointing=args.checkpointing),
+                   Report(args.out)],
     )
     trainer.fit(LlamaLM(args.source, args.explicit_shard), data, ckpt_path=args.resume)
     trainer.save_checkpoint(args.out / "final.ckpt")
