@@ -119,3 +119,16 @@ def test_callback_turns_it_on(tmp_path):
     trainer(tmp_path, [DeltaCallback("lora", gradient_checkpointing=True)], max_steps=2).fit(module)
     assert len(module.calls) == 4  # two steps, each block forward run twice
     assert DeltaModel(module.model).deltas()
+
+
+def test_ready_tasks_take_the_flag(tmp_path):
+    from lightning_delta.data import TextData
+    from lightning_delta.tasks import CausalLanguageModeling
+    from models import save_tiny
+
+    (tmp_path / "t.txt").write_text("one two three\nfour five six\n")
+    task = CausalLanguageModeling(save_tiny("gpt2", tmp_path / "gpt2"), gradient_checkpointing=True)
+    calls = count_calls(repeated_blocks(task.model)[0].mlp.c_fc)
+    trainer(tmp_path, [DeltaCallback("lora")], max_steps=1).fit(
+        task, TextData(data_files={"train": str(tmp_path / "t.txt")}, batch_size=2))
+    assert len(calls) == 2  # one step: the block ran forward twice

@@ -9,6 +9,7 @@ import torch
 from typing_extensions import override
 
 from lightning_delta.checkpoint import META_KEY, attach_from_checkpoint
+from lightning_delta.checkpointing import enable_checkpointing
 from lightning_delta.distributed import is_sharded, shard
 from lightning_delta.handle import trainable_parameters
 from lightning_delta.tasks.sources import resolve_source
@@ -28,10 +29,14 @@ class DeltaTask(pl.LightningModule):
         learning_rate: peak learning rate.
         weight_decay: AdamW weight decay.
         warmup_ratio: fraction of the training steps spent warming up, in ``[0, 1)``.
+        gradient_checkpointing: recompute the backbone's blocks in backward
+            (:func:`~lightning_delta.checkpointing.enable_checkpointing`), set up in ``configure_model``.
     """
 
-    def __init__(self, model: str, learning_rate: float, weight_decay: float, warmup_ratio: float) -> None:
+    def __init__(self, model: str, learning_rate: float, weight_decay: float, warmup_ratio: float,
+                 gradient_checkpointing: bool = False) -> None:
         super().__init__()
+        self.gradient_checkpointing = gradient_checkpointing
         if learning_rate <= 0:
             raise ValueError(f"learning_rate={learning_rate} must be positive, e.g. 1e-3")
         if not 0 <= warmup_ratio < 1:
@@ -73,9 +78,13 @@ class DeltaTask(pl.LightningModule):
 
     @override
     def configure_model(self) -> None:
-        """Under ``ModelParallelStrategy`` / ``DeltaModelParallelStrategy`` (FSDP2): shard the backbone,
-        each delta module and each repeated block in units of their own. Nothing otherwise."""
+        """Turns on activation checkpointing if asked; under ``ModelParallelStrategy`` /
+        ``DeltaModelParallelStrategy`` (FSDP2) shards the backbone, each delta module and each
+        repeated block in units of their own."""
         from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if self.gradient_checkpointing:
+            enable_checkpointing(self.model)
 
         strategy = self._trainer.strategy if self._trainer is not None else None  # None in load_from_checkpoint
         if isinstance(strategy, ModelParallelStrategy) and not is_sharded(self):

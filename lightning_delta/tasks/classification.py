@@ -18,6 +18,7 @@ class SequenceClassification(DeltaTask):
         learning_rate: peak AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_ratio: fraction of steps with linear warm-up.
+        gradient_checkpointing: recompute the backbone's blocks in backward.
     """
 
     def __init__(
@@ -27,8 +28,9 @@ class SequenceClassification(DeltaTask):
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.1,
+        gradient_checkpointing: bool = False,
     ) -> None:
-        super().__init__(model, learning_rate, weight_decay, warmup_ratio)
+        super().__init__(model, learning_rate, weight_decay, warmup_ratio, gradient_checkpointing)
         if num_labels < 2:
             raise ValueError(f"num_labels={num_labels} must be at least 2")
         self.save_hyperparameters()

@@ -17,8 +17,9 @@ class _LanguageModeling(DeltaTask):
 
     shift_labels = False  #: whether logits at position t predict the label at t + 1 (causal models)
 
-    def __init__(self, model: str, learning_rate: float, weight_decay: float, warmup_ratio: float) -> None:
-        super().__init__(model, learning_rate, weight_decay, warmup_ratio)
+    def __init__(self, model: str, learning_rate: float, weight_decay: float, warmup_ratio: float,
+                 gradient_checkpointing: bool) -> None:
+        super().__init__(model, learning_rate, weight_decay, warmup_ratio, gradient_checkpointing)
         self.perplexity = torch.nn.ModuleDict({s: Perplexity(ignore_index=IGNORE_INDEX) for s in ("val", "test")})
 
     def evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
@@ -41,13 +42,14 @@ class CausalLanguageModeling(_LanguageModeling):
         learning_rate: peak AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_ratio: fraction of steps with linear warm-up.
+        gradient_checkpointing: recompute the backbone's blocks in backward.
     """
 
     shift_labels = True
 
     def __init__(self, model: str, learning_rate: float = 1e-3, weight_decay: float = 0.0,
-                 warmup_ratio: float = 0.1) -> None:
-        super().__init__(model, learning_rate, weight_decay, warmup_ratio)
+                 warmup_ratio: float = 0.1, gradient_checkpointing: bool = False) -> None:
+        super().__init__(model, learning_rate, weight_decay, warmup_ratio, gradient_checkpointing)
         self.save_hyperparameters()
         self.model = self.load_backbone("AutoModelForCausalLM")
 
@@ -63,11 +65,13 @@ class Seq2SeqLanguageModeling(_LanguageModeling):
         generation_metric: also generate (greedy) in validation/test and log ``{stage}_exact_match``,
             the share of examples whose generated tokens equal the target tokens.
         max_new_tokens: generation length limit for that metric.
+        gradient_checkpointing: recompute the backbone's blocks in backward.
     """
 
     def __init__(self, model: str, learning_rate: float = 1e-3, weight_decay: float = 0.0,
-                 warmup_ratio: float = 0.1, generation_metric: bool = False, max_new_tokens: int = 32) -> None:
-        super().__init__(model, learning_rate, weight_decay, warmup_ratio)
+                 warmup_ratio: float = 0.1, generation_metric: bool = False, max_new_tokens: int = 32,
+                 gradient_checkpointing: bool = False) -> None:
+        super().__init__(model, learning_rate, weight_decay, warmup_ratio, gradient_checkpointing)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
         self.save_hyperparameters()
