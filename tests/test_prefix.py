@@ -65,3 +65,28 @@ def test_prefix_detaches_cleanly():
     attach(model, "prefix")
     DeltaModel(model).detach()
     torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_projection_equals_peft_and_folds_to_plain_prefixes(family):
+    base = FAMILIES[family]().eval()
+    model = copy.deepcopy(base)
+    handle = attach(model, "prefix", num_virtual_tokens=3, projection=True, projection_dim=16)
+    twin = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(
+        task_type=TASKS[family], num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16))
+    ours = {"embedding.weight": model.prefix.embedding, **{f"transform.{k}": v
+                                                           for k, v in model.prefix.transform.state_dict().items()}}
+    twin.load_state_dict({f"prompt_encoder.default.{k}": v.detach() for k, v in ours.items()}, strict=False)
+    twin.eval()
+    inputs, labels = inputs_and_labels(family)
+    expected = twin(**inputs, labels=labels).logits
+    torch.testing.assert_close(model(**inputs, labels=labels).logits, expected, rtol=1e-5, atol=1e-6)
+
+    model.prefix.fold()
+    assert model.prefix.transform is None and model.prefix.embedding.shape == (3, 2 * 2 * 32)
+    torch.testing.assert_close(model(**inputs, labels=labels).logits, expected, rtol=1e-5, atol=1e-6)
+    plain = copy.deepcopy(base)
+    attach(plain, "prefix", num_virtual_tokens=3).freeze_backbone().load_delta_state_dict(
+        DeltaModel(model).freeze_backbone().delta_state_dict())
+    torch.testing.assert_close(plain(**inputs, labels=labels).logits, expected, rtol=1e-5, atol=1e-6)
+    assert handle.configs["prefix"].projection is False

@@ -11,13 +11,14 @@ decoders (GPT-2, Llama; ``generate()`` included). Parameters:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lightning_delta.core import Delta, DeltaConfig, fill_
+from lightning_delta.core import Delta, DeltaConfig, fill_, kaiming_
 from lightning_delta.errors import UnsupportedModuleError
 
 
@@ -78,17 +79,25 @@ class PrefixConfig(DeltaConfig):
 
     Args:
         num_virtual_tokens: prefix length per layer (> 0).
+        projection: reparameterise the prefix as ``MLP(embedding)`` in training (Li & Liang's
+            stabiliser); :meth:`Prefix.fold` turns it into plain prefixes for inference.
+        projection_dim: hidden width of that MLP.
     """
 
     method = "prefix"
     supported_types = "transformers encoder or decoder-only models that take past_key_values"
 
     num_virtual_tokens: int = 20
+    projection: bool = False
+    projection_dim: int = 512
 
     def validate(self) -> None:
         n = self.num_virtual_tokens
         self.check_range("num_virtual_tokens", n, isinstance(n, int) and not isinstance(n, bool) and n > 0,
                          "a positive integer, e.g. num_virtual_tokens=20")
+        d = self.projection_dim
+        self.check_range("projection_dim", d, isinstance(d, int) and not isinstance(d, bool) and d > 0,
+                         "a positive integer, e.g. projection_dim=512")
 
     def supports(self, module: nn.Module) -> bool:
         config = getattr(module, "config", None)
@@ -118,14 +127,40 @@ class Prefix(Delta):
         self.layers, self.kv_heads, self.head_dim = _attention_shape(model.config)
         self.num_virtual_tokens = config.num_virtual_tokens
         width = self.layers * 2 * self.kv_heads * self.head_dim
-        self.embedding = nn.Parameter(torch.empty(config.num_virtual_tokens, width, **self.factory))
+        if config.projection:
+            hidden = model.get_input_embeddings().weight.shape[1]
+            self.embedding = nn.Parameter(torch.empty(config.num_virtual_tokens, hidden, **self.factory))
+            self.transform = nn.Sequential(nn.Linear(hidden, config.projection_dim, **self.factory), nn.Tanh(),
+                                           nn.Linear(config.projection_dim, width, **self.factory))
+        else:
+            self.embedding = nn.Parameter(torch.empty(config.num_virtual_tokens, width, **self.factory))
+            self.transform = None
         self._signature = tuple(inspect.signature(cache_owner(model).forward).parameters)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, 1), as PEFT's prefix embedding starts."""
+        """Normal(0, 1), as PEFT's prefix embedding starts; the projection's layers as ``nn.Linear``."""
         generator = self.generator()
         fill_(self.embedding, lambda t: t.normal_(generator=generator))
+        for layer in (self.transform or ()):
+            if isinstance(layer, nn.Linear):
+                kaiming_(layer.weight, generator)
+                bound = 1 / layer.in_features ** 0.5
+                fill_(layer.bias, lambda t, b=bound: t.uniform_(-b, b, generator=generator))
+
+    def states(self) -> torch.Tensor:
+        """The prefix keys and values, ``(num_virtual_tokens, layers * 2 * kv_heads * head_dim)``."""
+        return self.transform(self.embedding) if self.transform is not None else self.embedding
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Replaces the projection by the prefixes it computes now: inference without the MLP,
+        the same outputs, and a checkpoint that a plain ``PrefixConfig`` loads."""
+        if self.transform is None:
+            return
+        self.embedding = nn.Parameter(self.states().detach().clone())
+        self.transform = None
+        self.config = dataclasses.replace(self.config, projection=False)
 
     def hook_into(self, target: nn.Module) -> None:
         cache_owner(target).register_forward_pre_hook(self.pre_hook, with_kwargs=True)
@@ -140,7 +175,7 @@ class Prefix(Delta):
         block recomputed by activation checkpointing sees exactly what it saw the first time.
         """
         n = self.num_virtual_tokens
-        states = self.embedding.to(dtype).view(n, self.layers * 2, self.kv_heads, self.head_dim)
+        states = self.states().to(dtype).view(n, self.layers * 2, self.kv_heads, self.head_dim)
         states = states.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch, -1, -1, -1)  # (2L, B, H, n, D)
         pairs = [(states[2 * i], states[2 * i + 1]) for i in range(self.layers)]
         return _storing_cache()(pairs) if store else _read_only_cache()(pairs)
