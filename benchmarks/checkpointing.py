@@ -72,7 +72,8 @@ def main(repeats: int = 3) -> None:
             step(model, optimizer, ids)
             rows[name]["seconds"].append(time.perf_counter() - start)
     base = rows["none"]
-    print(f"{'checkpointing':<18}{'activation MiB':>16}{'ratio':>8}{'step s (median)':>17}{'ratio':>8}{'min-max s':>14}")
+    print(f"{'checkpointing':<18}{'activation MiB':>16}{'ratio':>8}{'step s (median)':>17}{'ratio':>8}"
+          f"{'min-max s':>14}")
     for name, row in rows.items():
         row["median_seconds"] = statistics.median(row["seconds"])
         row["activation_ratio"] = row["activation_bytes"] / base["activation_bytes"]

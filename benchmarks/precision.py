@@ -67,7 +67,8 @@ def main() -> None:
         rows += [fp32, bf16]
     print("goal: peak ratio bf16/fp32 <= 0.55")
     RESULTS.mkdir(exist_ok=True)
-    out = {"benchmark": "precision", "model": "Llama-shaped, 12 layers, hidden 768, vocab 32000 (~110M), LoRA r=8 on q/v",
+    out = {"benchmark": "precision",
+           "model": "Llama-shaped, 12 layers, hidden 768, vocab 32000 (~110M), LoRA r=8 on q/v",
            "machine": f"{platform.machine()} CPU", "torch": torch.__version__, "rows": rows, "peak_ratio": ratios}
     (RESULTS / "precision.json").write_text(json.dumps(out, indent=2))
 

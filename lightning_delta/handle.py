@@ -43,7 +43,9 @@ class DeltaSummary:
         )
 
 
-def to_configs(method: MethodSpec | Sequence[MethodSpec], targets: Any, exclude: Any, name: Any, hparams: dict) -> list[DeltaConfig]:
+def to_configs(
+    method: MethodSpec | Sequence[MethodSpec], targets: Any, exclude: Any, name: Any, hparams: dict
+) -> list[DeltaConfig]:
     """Normalises ``attach``-style arguments into configs (a list of specs takes no extra arguments)."""
     if isinstance(method, (list, tuple)):
         if targets is not None or exclude or name is not None or hparams:

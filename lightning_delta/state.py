@@ -172,6 +172,13 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def _close(recorded: list[float], current: list[float]) -> bool:
+    """Sampled values agree up to bf16 rounding (so a dtype change is not a different backbone)."""
+    return len(recorded) == len(current) and all(
+        math.isclose(a, b, rel_tol=2e-2, abs_tol=1e-3) for a, b in zip(recorded, current, strict=True)
+    )
+
+
 def compare_fingerprint(recorded: Mapping[str, Any], model: nn.Module) -> list[str]:
     """Checks a recorded fingerprint against ``model``.
 
@@ -200,7 +207,7 @@ def compare_fingerprint(recorded: Mapping[str, Any], model: nn.Module) -> list[s
     differ = [
         k
         for k, values in recorded.get("samples", {}).items()
-        if not _is_sharded(tensors[k]) and not all(math.isclose(a, b, rel_tol=2e-2, abs_tol=1e-3) for a, b in zip(values, _samples(tensors[k])))
+        if not _is_sharded(tensors[k]) and not _close(values, _samples(tensors[k]))
     ]
     if differ:
         return [

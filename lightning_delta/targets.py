@@ -110,7 +110,8 @@ def preset(table: dict[str, tuple[str, ...]], model: nn.Module, method: str, wha
     if kind not in table:
         raise TargetError(
             f"{method!r} has no preset ({what}) for model type {kind!r}: pass targets explicitly, e.g."
-            f" targets=['attention.output.dense'] or targets='all-linear'. Presets exist for: {', '.join(sorted(table))}"
+            f" targets=['attention.output.dense'] or targets='all-linear'."
+            f" Presets exist for: {', '.join(sorted(table))}"
         )
     return list(table[kind])
 

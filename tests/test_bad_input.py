@@ -1,7 +1,6 @@
 """The bad-input matrix: each mistake raises a clear error naming the bad value and the fix,
 before anything is changed."""
 
-import copy
 import json
 
 import pytest

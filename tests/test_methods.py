@@ -126,7 +126,7 @@ def test_compacter_rules_are_shared_by_every_adapter_of_one_attach():
 
 
 # -- parameter counts on a tiny BERT (hidden 32, intermediate 64, 2 layers, 2 labels) -----------
-H, I, L = 32, 64, 2
+H, I, L = 32, 64, 2  # noqa: E741 - hidden, intermediate, layers
 
 
 @pytest.mark.parametrize(

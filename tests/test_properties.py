@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lightning_delta import DeltaModel, TargetError, attach
+from lightning_delta import TargetError, attach
 from lightning_delta.targets import resolve_targets
 
 NAMES = st.sampled_from(["a", "attn", "xattn", "q", "myq", "v", "layer", "0", "10", "mlp"])  # some end in others

@@ -46,7 +46,8 @@ def make_config(method: str | DeltaConfig, **kwargs: Any) -> DeltaConfig:
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise DeltaConfigError(
-            f"{cls.method} has no hyper-parameter {', '.join(map(repr, unknown))}; valid ones: {', '.join(sorted(known))}"
+            f"{cls.method} has no hyper-parameter {', '.join(map(repr, unknown))};"
+            f" valid ones: {', '.join(sorted(known))}"
         )
     return cls(**kwargs)
 

@@ -67,4 +67,5 @@ class LowRankAdapter(Adapter):
         dtype = output.dtype
         down = F.linear(F.linear(output, self.down_right.to(dtype)), self.down_left.to(dtype), self.down_bias.to(dtype))
         hidden = ACTIVATIONS[self.activation](down)
-        return output + F.linear(F.linear(hidden, self.up_right.to(dtype)), self.up_left.to(dtype), self.up_bias.to(dtype))
+        up = F.linear(F.linear(hidden, self.up_right.to(dtype)), self.up_left.to(dtype), self.up_bias.to(dtype))
+        return output + up

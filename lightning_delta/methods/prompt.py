@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
