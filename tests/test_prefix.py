@@ -1,5 +1,5 @@
-"""Prefix tuning equals PEFT's given the same prefix: forward on BERT, GPT-2 and Llama, generate() on
-decoders; a fresh cache every forward; encoder-decoders refused clearly."""
+"""Prefix tuning equals PEFT's given the same prefix: forward on BERT, GPT-2, Llama and T5, generate()
+on GPT-2, Llama and T5; a fresh cache every forward."""
 
 import copy
 
@@ -7,10 +7,10 @@ import peft
 import pytest
 import torch
 
-from lightning_delta import DeltaModel, UnsupportedModuleError, attach
+from lightning_delta import DeltaModel, attach
 from models import FAMILIES, family_inputs
 
-TASKS = {"bert": "SEQ_CLS", "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM"}
+TASKS = {"bert": "SEQ_CLS", "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
 
 
 def pair(family, n=3):
@@ -27,6 +27,8 @@ def inputs_and_labels(family):
     inputs = family_inputs(family)
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     inputs["attention_mask"][1, :2] = 0
+    if family == "t5":
+        return inputs, inputs.pop("decoder_input_ids")
     return inputs, (torch.tensor([0, 1]) if family == "bert" else inputs["input_ids"].clone())
 
 
@@ -41,7 +43,7 @@ def test_forward_equals_peft_and_repeats_exactly(family):
     torch.testing.assert_close(again.logits, ours.logits, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
 def test_generate_equals_peft(family):
     _, model, twin = pair(family)
     inputs, _ = inputs_and_labels(family)
@@ -53,9 +55,14 @@ def test_generate_equals_peft(family):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_encoder_decoder_is_refused_with_alternatives():
-    with pytest.raises(UnsupportedModuleError, match="T5.*'prompt' or 'lora'"):
-        attach(FAMILIES["t5"](), "prefix")
+def test_t5_prefix_reaches_the_decoder_self_attention_only():
+    _, model, _ = pair("t5")
+    inputs, labels = inputs_and_labels("t5")
+    encoded = model.encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    plain = FAMILIES["t5"]().eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k in plain.state_dict()})
+    torch.testing.assert_close(encoded.last_hidden_state, plain.encoder(
+        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state)
 
 
 def test_prefix_detaches_cleanly():

@@ -4,8 +4,9 @@ The delta is a child of the model (``prefix.embedding``, laid out as PEFT's pref
 ``(num_virtual_tokens, num_layers * 2 * kv_heads * head_dim)``). A forward pre-hook builds a
 fresh cache holding the prefix for each forward (layers append to the cache they get, so a
 cache is never reused across forwards), prepends ``num_virtual_tokens`` ones to the attention
-mask and shifts positions by the prefix length, as PEFT does. Works for encoders (BERT) and
-decoders (GPT-2, Llama; ``generate()`` included). Parameters:
+mask and shifts positions by the prefix length, as PEFT does. Works for encoders (BERT),
+decoders (GPT-2, Llama) and, as PEFT does with current transformers, the decoder self-attention
+of encoder-decoders (T5); ``generate()`` included. Parameters:
 ``num_virtual_tokens * num_layers * 2 * kv_heads * head_dim``.
 """
 
@@ -39,6 +40,10 @@ def cache_owner(model: nn.Module) -> nn.Module:
         " base model do not. Use 'prompt' or 'lora' there")
 
 
+#: Inputs that tell the batch size, in the order they are looked up.
+_BATCH_SOURCES = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds")
+
+
 def _storing_cache() -> type:
     from transformers import DynamicCache
 
@@ -64,12 +69,13 @@ def _read_only_cache() -> type:
 
 
 def _attention_shape(config: object) -> tuple[int, int, int]:
-    """``(num_layers, kv_heads, head_dim)`` from a transformers config."""
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    """``(num_layers, kv_heads, head_dim)`` from a transformers config (the decoder's for T5)."""
+    layers = (getattr(config, "num_decoder_layers", None) if getattr(config, "is_encoder_decoder", False) else None) \
+        or getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or hidden // heads
     return layers, kv_heads, head_dim
 
 
@@ -100,8 +106,7 @@ class PrefixConfig(DeltaConfig):
                          "a positive integer, e.g. projection_dim=512")
 
     def supports(self, module: nn.Module) -> bool:
-        config = getattr(module, "config", None)
-        return config is not None and not getattr(config, "is_encoder_decoder", False)
+        return getattr(module, "config", None) is not None
 
     def target_names(self, model: nn.Module) -> list[str]:
         """The model itself: the prefix enters through its ``past_key_values``."""
@@ -110,8 +115,8 @@ class PrefixConfig(DeltaConfig):
                 f"prefix attaches to the whole model, not to targets {self.targets!r}: pass targets=None")
         if not self.supports(model):
             raise UnsupportedModuleError(
-                f"prefix needs a transformers encoder or decoder-only model, not {type(model).__name__}"
-                " (encoder-decoder models such as T5 are not supported yet); use 'prompt' or 'lora' there")
+                f"prefix needs a transformers model (with a config), not {type(model).__name__};"
+                " use 'prompt' or 'lora' there")
         cache_owner(model)
         return [""]
 
@@ -126,6 +131,7 @@ class Prefix(Delta):
         super().__init__(config, model.get_input_embeddings())
         self.layers, self.kv_heads, self.head_dim = _attention_shape(model.config)
         self.num_virtual_tokens = config.num_virtual_tokens
+        self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         width = self.layers * 2 * self.kv_heads * self.head_dim
         if config.projection:
             hidden = model.get_input_embeddings().weight.shape[1]
@@ -178,7 +184,18 @@ class Prefix(Delta):
         states = self.states().to(dtype).view(n, self.layers * 2, self.kv_heads, self.head_dim)
         states = states.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch, -1, -1, -1)  # (2L, B, H, n, D)
         pairs = [(states[2 * i], states[2 * i + 1]) for i in range(self.layers)]
-        return _storing_cache()(pairs) if store else _read_only_cache()(pairs)
+        if self.encoder_decoder:
+            # PEFT's layout for encoder-decoders: the stored prefixes are repeated for self- and
+            # cross-attention and regrouped four per layer, so decoder layer i's self-attention reads
+            # stored pair 2i mod L; cross-attention gets none (PEFT resets that cache). Matched so that
+            # PEFT-format exports give the same outputs.
+            pairs = [pairs[(2 * i) % self.layers] for i in range(self.layers)]
+        cache = _storing_cache()(pairs) if store else _read_only_cache()(pairs)
+        if self.encoder_decoder:
+            from transformers import DynamicCache, EncoderDecoderCache
+
+            cache = EncoderDecoderCache(cache, DynamicCache())
+        return cache
 
     def pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Injects a fresh prefix cache (first step), extends the mask and shifts positions past the prefix."""
@@ -187,17 +204,17 @@ class Prefix(Delta):
         cache = kwargs.get("past_key_values")
         injected = cache is None or not cache.get_seq_length()
         if injected:
-            source = kwargs.get("input_ids")
-            source = source if source is not None else kwargs["inputs_embeds"]
+            batch = next(t.shape[0] for t in (kwargs.get(k) for k in _BATCH_SOURCES) if t is not None)
             dtype = model.get_input_embeddings().weight.dtype
-            kwargs["past_key_values"] = self.cache(source.shape[0], dtype, store=not model.training)
+            kwargs["past_key_values"] = self.cache(batch, dtype, store=not model.training)
             if kwargs.get("cache_position") is not None:  # counted by the caller without the prefix
                 kwargs["cache_position"] = kwargs["cache_position"] + n
         if kwargs.get("position_ids") is not None:  # token positions start after the prefix
             kwargs["position_ids"] = kwargs["position_ids"] + n
-        mask = kwargs.get("attention_mask")
+        mask_key = "decoder_attention_mask" if self.encoder_decoder else "attention_mask"
+        mask = kwargs.get(mask_key)
         if mask is not None and mask.dim() == 2:
-            kwargs["attention_mask"] = torch.cat((mask.new_ones(mask.shape[0], n), mask), dim=1)
+            kwargs[mask_key] = torch.cat((mask.new_ones(mask.shape[0], n), mask), dim=1)
         return (), kwargs
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:  # pragma: no cover - hook-only
