@@ -30,6 +30,7 @@ from lightning_delta.methods.layernorm import LayerNormConfig  # noqa: E402
 from lightning_delta.methods.lora import LoraConfig  # noqa: E402
 from lightning_delta.methods.low_rank_adapter import LowRankAdapterConfig  # noqa: E402
 from lightning_delta.methods.parallel_adapter import ParallelAdapterConfig  # noqa: E402
+from lightning_delta.methods.peft_backend import PeftDeltaConfig  # noqa: E402
 from lightning_delta.methods.prefix import PrefixConfig  # noqa: E402
 from lightning_delta.methods.prompt import PromptConfig  # noqa: E402
 from lightning_delta.targets import resolve_targets  # noqa: E402
@@ -69,6 +70,7 @@ __all__ = [
     "LowRankAdapterConfig",
     "MergeError",
     "ParallelAdapterConfig",
+    "PeftDeltaConfig",
     "PrefixConfig",
     "PromptConfig",
     "TargetError",

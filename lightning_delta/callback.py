@@ -80,6 +80,7 @@ class DeltaCallback(Callback):
         gradient_checkpointing: recompute the backbone's blocks in backward instead of keeping their
             activations (non-reentrant; see :mod:`lightning_delta.checkpointing`).
         every_n_layers: with ``gradient_checkpointing``, checkpoint every n-th block only.
+        peft_config: instead of ``method``, any ``peft.PeftConfig`` (the PEFT backend; needs ``peft``).
         **hparams: the method's hyper-parameters, e.g. ``r=8, alpha=16, dropout=0.05``.
 
     Raises:
@@ -96,9 +97,12 @@ class DeltaCallback(Callback):
         name: str | None = None,
         gradient_checkpointing: bool = False,
         every_n_layers: int = 1,
+        peft_config: Any = None,
         **hparams: Any,
     ) -> None:
-        self._configs = to_configs(method, targets, exclude, name, hparams)
+        if peft_config is not None and method == "lora":
+            method = None  # the default method gives way to the PEFT config
+        self._configs = to_configs(method, targets, exclude, name, hparams, peft_config)
         self._trainable = normalize_patterns(trainable)
         self._module = module
         if every_n_layers < 1:

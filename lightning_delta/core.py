@@ -64,11 +64,10 @@ class DeltaConfig:
     def validate(self) -> None:
         """Raises :class:`DeltaConfigError` for out-of-range hyper-parameters."""
 
-    def storage_dtype(self, target: nn.Module) -> torch.dtype:
-        """The dtype of this delta's tensors on ``target`` (see ``delta_dtype``)."""
+    def storage_dtype(self, weight: torch.Tensor) -> torch.dtype:
+        """The dtype of this delta's tensors beside a target weight ``weight`` (see ``delta_dtype``)."""
         if self.delta_dtype is not None:
             return DTYPES[self.delta_dtype]
-        weight = target.weight
         return weight.dtype if weight.dtype == torch.float64 else torch.float32
 
     def supports(self, module: nn.Module) -> bool:
@@ -121,9 +120,12 @@ class Delta(nn.Module):
         super().__init__()
         self.config = config
         self.merged = False
-        self.storage_dtype = config.storage_dtype(target)
+        weight = getattr(target, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            weight = next(target.parameters(), torch.empty(0))
+        self.storage_dtype = config.storage_dtype(weight)
         #: keyword arguments for new tensors: the target's device, the delta's dtype
-        self.factory = {"device": target.weight.device, "dtype": self.storage_dtype}
+        self.factory = {"device": weight.device, "dtype": self.storage_dtype}
 
     def seeded(self, seed: int) -> Delta:
         """Draws the initial values from ``seed`` (the last step of ``DeltaConfig.build``)."""

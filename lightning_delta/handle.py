@@ -44,9 +44,24 @@ class DeltaSummary:
 
 
 def to_configs(
-    method: MethodSpec | Sequence[MethodSpec], targets: Any, exclude: Any, name: Any, hparams: dict
+    method: MethodSpec | Sequence[MethodSpec] | None, targets: Any, exclude: Any, name: Any, hparams: dict,
+    peft_config: Any = None,
 ) -> list[DeltaConfig]:
-    """Normalises ``attach``-style arguments into configs (a list of specs takes no extra arguments)."""
+    """Normalises ``attach``-style arguments into configs (a list of specs takes no extra arguments).
+
+    ``peft_config`` (a ``peft.PeftConfig``) stands for ``method``: it becomes a :class:`PeftDeltaConfig`.
+    """
+    if peft_config is not None:
+        from lightning_delta.methods.peft_backend import PeftDeltaConfig
+
+        if method is not None or targets is not None or hparams:
+            raise DeltaConfigError(
+                "peft_config replaces method, targets and hyper-parameters (PEFT's config carries them);"
+                " to combine, pass a list: [LoraConfig(...), PeftDeltaConfig.from_peft(peft_config)]"
+            )
+        return [PeftDeltaConfig.from_peft(peft_config, **({"name": name} if name is not None else {}))]
+    if method is None:
+        raise DeltaConfigError("no delta given: pass a method ('lora'), a config, a list of configs or peft_config=")
     if isinstance(method, (list, tuple)):
         if targets is not None or exclude or name is not None or hparams:
             raise DeltaConfigError(
@@ -119,16 +134,17 @@ class DeltaModel:
 
     def attach(
         self,
-        method: MethodSpec | Sequence[MethodSpec],
+        method: MethodSpec | Sequence[MethodSpec] | None = None,
         targets: str | Iterable[str] | None = None,
         exclude: str | Iterable[str] = (),
         name: str | None = None,
+        peft_config: Any = None,
         **hparams: Any,
     ) -> DeltaModel:
         """Attaches more deltas; see :func:`attach`. On any error the model is left as it was."""
         attached: list[str] = []
         try:
-            for config in to_configs(method, targets, exclude, name, hparams):
+            for config in to_configs(method, targets, exclude, name, hparams, peft_config):
                 attached.append(attach_config(self.model, config))
         except Exception:
             for delta_name in attached:
@@ -145,9 +161,12 @@ class DeltaModel:
     # -- parameters and state ---------------------------------------------------------------
     def delta_parameters(self) -> list[nn.Parameter]:
         """The parameters of every delta module, each once."""
+        from lightning_delta.methods.peft_backend import peft_adapter_modules
+
         seen: dict[int, nn.Parameter] = {}
-        for d in self.deltas():
-            for p in d.module.parameters():
+        modules = [d.module for d in self.deltas()] + [m for _, m in peft_adapter_modules(self.model)]
+        for module in modules:
+            for p in module.parameters():
                 seen.setdefault(id(p), p)
         return list(seen.values())
 
@@ -228,10 +247,11 @@ class DeltaModel:
 
 def attach(
     model: nn.Module,
-    method: MethodSpec | Sequence[MethodSpec],
+    method: MethodSpec | Sequence[MethodSpec] | None = None,
     targets: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] = (),
     name: str | None = None,
+    peft_config: Any = None,
     **hparams: Any,
 ) -> DeltaModel:
     """Attaches delta modules to ``model`` without changing its code or its parameter names.
@@ -243,6 +263,8 @@ def attach(
         targets: target patterns; ``None`` uses the method's preset for the model type.
         exclude: patterns of matched modules to leave out.
         name: the delta's name; defaults to the method name (``lora_2``, ... when taken).
+        peft_config: instead of ``method``, any ``peft.PeftConfig``, injected with PEFT
+            (:mod:`lightning_delta.methods.peft_backend`); needs the ``peft`` package.
         **hparams: the method's hyper-parameters, e.g. ``r=8, alpha=16``.
 
     Returns:
@@ -253,4 +275,4 @@ def attach(
         TargetError: a target matches nothing, or everything it matches is excluded.
         UnsupportedModuleError: a target is of a type the method cannot handle.
     """
-    return DeltaModel(model).attach(method, targets, exclude, name, **hparams)
+    return DeltaModel(model).attach(method, targets, exclude, name, peft_config, **hparams)

@@ -61,9 +61,21 @@ def _under(key: str, paths: Iterable[str]) -> bool:
     return any(key.startswith(p + ".") for p in paths)
 
 
+def delta_owners(model: nn.Module) -> list[str]:
+    """Paths of the modules whose tensors are delta tensors: our deltas and PEFT's adapter parts."""
+    from lightning_delta.methods.peft_backend import peft_adapter_modules
+
+    return [d.path for d in iter_deltas(model)] + [path for path, _ in peft_adapter_modules(model)]
+
+
+def canonical(key: str) -> str:
+    """A backbone key as it reads without PEFT's wrapping (``q.base_layer.weight`` -> ``q.weight``)."""
+    return key.replace(".base_layer.", ".")
+
+
 def kept_keys(model: nn.Module) -> set[str]:
     """Keys of ``model.state_dict()`` that a delta checkpoint of ``model`` holds."""
-    owners = [d.path for d in iter_deltas(model)]
+    owners = delta_owners(model)
     owners += trainable_module_names(model, getattr(model, TRAINABLE_ATTR, ()))
     return {
         key
@@ -146,6 +158,12 @@ def _is_sharded(tensor: torch.Tensor) -> bool:
     return type(tensor).__name__ == "DTensor" or type(getattr(tensor, "data", None)).__name__ == "DTensor"
 
 
+def backbone_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The backbone's own tensors by canonical key (delta tensors left out, PEFT's renaming undone)."""
+    owners = delta_owners(model)
+    return {canonical(k): t for k, t in state_tensors(model).items() if not _under(k, owners)}
+
+
 def fingerprint(model: nn.Module) -> dict[str, Any]:
     """A cheap description of a backbone: names and shapes of its own tensors, its source, a few values.
 
@@ -153,8 +171,7 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
     (trainable ones change in training), so the fingerprint is stable while training. Sharded
     (DTensor) parameters are not sampled: that would gather them; their shapes are still recorded.
     """
-    delta_paths = [d.path for d in iter_deltas(model)]
-    tensors = {k: t for k, t in state_tensors(model).items() if not _under(k, delta_paths)}
+    tensors = backbone_tensors(model)
     frozen = [
         k
         for k, t in tensors.items()
@@ -188,8 +205,7 @@ def compare_fingerprint(recorded: Mapping[str, Any], model: nn.Module) -> list[s
     Raises:
         DeltaStateError: tensor names or shapes differ (another architecture or size).
     """
-    delta_paths = [d.path for d in iter_deltas(model)]
-    tensors = {k: t for k, t in state_tensors(model).items() if not _under(k, delta_paths)}
+    tensors = backbone_tensors(model)
     shapes = recorded.get("shapes", {})
     problems = [f"{k}: missing from this model" for k in shapes if k not in tensors]
     problems += [f"{k}: not in the checkpoint's backbone" for k in tensors if k not in shapes]

@@ -17,6 +17,7 @@ from lightning_delta.methods.layernorm import LayerNormConfig
 from lightning_delta.methods.lora import LoraConfig
 from lightning_delta.methods.low_rank_adapter import LowRankAdapterConfig
 from lightning_delta.methods.parallel_adapter import ParallelAdapterConfig
+from lightning_delta.methods.peft_backend import PeftDeltaConfig
 from lightning_delta.methods.prefix import PrefixConfig
 from lightning_delta.methods.prompt import PromptConfig
 
@@ -24,7 +25,7 @@ METHODS: dict[str, type[DeltaConfig]] = {
     config.method: config
     for config in (LoraConfig, DoraConfig, IA3Config, BitFitConfig, LayerNormConfig, AdapterConfig,
                    ParallelAdapterConfig, LowRankAdapterConfig, CompacterConfig, PromptConfig,
-                   PrefixConfig)
+                   PrefixConfig, PeftDeltaConfig)
 }
 
 

@@ -1,0 +1,111 @@
+"""Any PEFT method, injected with ``peft.inject_adapter_in_model`` and handled like a native delta.
+
+``attach(model, peft_config=peft.LoHaConfig(...))`` / ``DeltaCallback(peft_config=...)`` record the
+PEFT config (as a JSON-serialisable dict) in a :class:`PeftDeltaConfig`, whose delta module
+``peft`` (no tensors of its own) injects the adapter into the model and removes it on detach.
+The adapter's tensors (PEFT's ``adapter_layer_names``, e.g. ``lora_A``) count as delta tensors:
+frozen backbone, delta-only checkpoints, resume and ``load_delta`` work as for native methods.
+
+One exception, as PEFT wraps its targets: the wrapped layers' backbone tensors are renamed
+(``query.weight`` -> ``query.base_layer.weight``), so a stock state dict no longer loads into the
+injected model by name, and fingerprints recorded with and without PEFT differ on those names.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_delta.core import Delta, DeltaConfig
+from lightning_delta.errors import DeltaConfigError, UnsupportedModuleError
+
+
+def _require_peft() -> Any:
+    if importlib.util.find_spec("peft") is None:
+        raise DeltaConfigError("peft_config needs the PEFT library: pip install peft (or lightning-delta[peft])")
+    import peft
+
+    return peft
+
+
+def peft_adapter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(path, module)`` of every adapter part PEFT injected (``lora_A``, ``ia3_l``, ...)."""
+    for path, module in model.named_modules():
+        names = getattr(module, "adapter_layer_names", None)
+        if names and hasattr(module, "base_layer"):
+            for name in names:
+                part = getattr(module, name, None)
+                if isinstance(part, (nn.ModuleDict, nn.ParameterDict)) and len(part):
+                    yield f"{path}.{name}" if path else name, part
+
+
+@dataclass
+class PeftDeltaConfig(DeltaConfig):
+    """A PEFT config carried as a delta spec.
+
+    Args:
+        peft: the PEFT config as a dict (``peft_config.to_dict()``), e.g.
+            ``{"peft_type": "LORA", "r": 8, "target_modules": ["query", "value"]}``.
+    """
+
+    method = "peft"
+    supported_types = "whatever the PEFT method supports (PEFT resolves its own target_modules)"
+
+    peft: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        peft = _require_peft()
+        if not self.peft.get("peft_type"):
+            raise DeltaConfigError(
+                f"peft={self.peft!r} has no peft_type; pass peft_config=peft.LoraConfig(...) or its to_dict()")
+        self.peft = {k: (sorted(v) if isinstance(v, set) else v) for k, v in self.peft.items()}
+        try:
+            peft.get_peft_config(dict(self.peft))
+        except Exception as err:  # PEFT's own validation: report it with the value
+            raise DeltaConfigError(f"PEFT rejects peft={self.peft!r}: {err}") from err
+
+    @classmethod
+    def from_peft(cls, peft_config: Any, **kwargs: Any) -> PeftDeltaConfig:
+        """From a ``peft.PeftConfig`` object."""
+        data = {k: v for k, v in peft_config.to_dict().items() if not k.startswith("_")}
+        data = {k: (v.value if hasattr(v, "value") else v) for k, v in data.items()}
+        return cls(peft=data, **kwargs)
+
+    def target_names(self, model: nn.Module) -> list[str]:
+        if self.targets not in (None, [], [""]):
+            raise UnsupportedModuleError(
+                f"the PEFT backend takes its targets from the PEFT config (target_modules), not {self.targets!r}")
+        return [""]
+
+    def supports(self, module: nn.Module) -> bool:
+        return True
+
+    def build(self, module: nn.Module, seed: int, path: str = "") -> PeftDelta:
+        delta = PeftDelta(self, module)
+        delta.init_seed = seed
+        return delta
+
+
+class PeftDelta(Delta):
+    """The injected PEFT adapter (its tensors live in PEFT's layers): injects on attach, unwraps on detach."""
+
+    def hook_into(self, target: nn.Module) -> None:
+        peft = _require_peft()
+        with torch.random.fork_rng(devices=[]):  # PEFT draws from the global RNG: seed it, then restore it
+            torch.manual_seed(self.init_seed)
+            peft.inject_adapter_in_model(peft.get_peft_config(dict(self.config.peft)), target,
+                                         adapter_name=self.config.name or "default")
+
+    def unhook_from(self, target: nn.Module) -> None:
+        for path, module in list(target.named_modules()):
+            if getattr(module, "adapter_layer_names", None) and hasattr(module, "base_layer") and path:
+                parent_path, _, child = path.rpartition(".")
+                target.get_submodule(parent_path).add_module(child, module.get_base_layer())
+
+    def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:  # pragma: no cover - no hook
+        raise NotImplementedError("PEFT's own layers apply the adapter")
