@@ -226,3 +226,20 @@ def test_combinations_train_save_load_and_detach_one(tmp_path, combo):
     rest_handle = attach(rest, [make_config(c) for c in configs[1:]]).freeze_backbone()
     rest_handle.load_delta_state_dict(handle.delta_state_dict())
     torch.testing.assert_close(family_output(model, inputs), family_output(rest, inputs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_attaches_by_preset_to_roberta(method):
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    model = RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=72, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+    inputs = family_inputs("bert")
+    reference = model(**inputs).logits
+    handle = attach(model, method)
+    assert handle.deltas()
+    if method in IDENTITY_AT_INIT:
+        torch.testing.assert_close(model(**inputs).logits, reference, rtol=0, atol=1e-6)
+    else:
+        assert model(**inputs).logits.shape == reference.shape
