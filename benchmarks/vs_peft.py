@@ -112,8 +112,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--models", nargs="+", default=["minilm", "llama100m"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     args = parser.parse_args()
-    rows = [compare(kind, method, args.repeats) for kind in args.models for method in METHODS]
+    rows = [compare(kind, method, args.repeats) for kind in args.models for method in args.methods]
     print(f"{'model':<11}{'method':<8}{'time ours/PEFT':>15}{'ours s min-max':>16}{'A/A':>7}{'memory':>8}"
           f"{'trainable ours/PEFT':>24}")
     for r in rows:
@@ -122,7 +123,8 @@ def main() -> None:
         print(f"{r['model']:<11}{r['method']:<8}{r['ratio']:>15.3f}{spread:>16}{r['aa_ratio']:>7.3f}"
               f"{r['memory_ratio']:>8.3f}{counts:>24}")
     print("goal: time ratio <= 1.0 (stretch 0.95), memory ratio <= 1.0")
-    write("vs_peft", {"repeats": args.repeats, "rows": rows})
+    write("vs_peft" if args.methods == list(METHODS) else f"vs_peft_{'_'.join(args.methods)}",
+          {"repeats": args.repeats, "rows": rows})
 
 
 if __name__ == "__main__":

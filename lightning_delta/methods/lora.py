@@ -121,7 +121,8 @@ class LoRALinear(LoRA):
         down (their gradients arrive in fp32), not the large activations up.
         """
         x = self.dropout(x)
-        return output + (F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype)) * self.scale).to(output.dtype)
+        # the scale goes into the small B, not onto the (batch, seq, out) product
+        return output + F.linear(F.linear(x, self.A.to(x.dtype)), (self.B * self.scale).to(x.dtype)).to(output.dtype)
 
     def delta_weight(self, target: nn.Module) -> torch.Tensor:
         update = super().delta_weight(target)
@@ -138,7 +139,7 @@ class LoRAEmbedding(LoRA):
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """``output + s * A.T[x] @ B.T``; x ``(...)`` token ids, output ``(..., dim)``."""
         looked_up = F.embedding(x, self.A.T.to(output.dtype), padding_idx=self.padding_idx)
-        return output + F.linear(looked_up, self.B.to(output.dtype)) * self.scale
+        return output + F.linear(looked_up, (self.B * self.scale).to(output.dtype))
 
     def delta_weight(self, target: nn.Module) -> torch.Tensor:
         return super().delta_weight(target).T
@@ -156,7 +157,7 @@ class LoRAConv2d(LoRA):
         """x ``(N, in, H, W)``, output ``(N, out, H', W')``."""
         x = self.dropout(x)
         hidden = F.conv2d(x, self.A.to(x.dtype), stride=self.stride, padding=self.padding, dilation=self.dilation)
-        return output + (F.conv2d(hidden, self.B.to(x.dtype)) * self.scale).to(output.dtype)
+        return output + F.conv2d(hidden, (self.B * self.scale).to(x.dtype)).to(output.dtype)
 
     def delta_weight(self, target: nn.Module) -> torch.Tensor:
         return super().delta_weight(target).view_as(target.weight)
