@@ -9,7 +9,8 @@
    and save time as the backbone grows 10x (goal: flat).
 4. Attaching LoRA to a 7B Llama config built on the meta device: time and bytes allocated.
 5. Inference latency: merged LoRA / unattached backbone (goal <= 1.01), unmerged / backbone.
-6. torch.compile: graph breaks in a LoRA forward+loss, ours and PEFT's (torch._dynamo.explain).
+6. torch.compile: graph breaks in a LoRA forward+loss, ours and PEFT's (torch._dynamo.explain), and
+   the compiled train step vs eager, ours and PEFT's.
 """
 
 from __future__ import annotations
@@ -73,18 +74,19 @@ def checkpoint_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     return buffer.getbuffer().nbytes
 
 
-def llama(hidden: int, layers: int):
+def llama(vocab: int, intermediate: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=8000, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
-                                        num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8))
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=intermediate,
+                                        num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8))
 
 
 def checkpoint_scaling(repeats: int) -> list[dict]:
+    """The same LoRA (q/v of 4 layers of width 256) on a backbone ~13x larger (vocabulary, MLP width)."""
     rows = []
-    for hidden, layers in ((256, 4), (768, 12)):  # ~10x the parameters
-        model = llama(hidden, layers)
+    for vocab, intermediate in ((8000, 683), (120000, 4096)):
+        model = llama(vocab, intermediate)
         attach(model, "lora", r=8).freeze_backbone()
         ids = torch.randint(0, 8000, (2, 32))
         step, optimizer = stepper(model, {"input_ids": ids, "labels": ids})
@@ -152,13 +154,36 @@ def graph_breaks() -> dict:
     return out
 
 
+def compiled_vs_eager(repeats: int) -> dict:
+    """LoRA train step under torch.compile (inductor) vs eager, ours and PEFT's, on a small BERT shape."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                                    intermediate_size=1024, vocab_size=8000)).train()
+    ids = torch.randint(0, 8000, (8, 128), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "labels": ids[:, 0] % 2}
+    ours = copy.deepcopy(base)
+    attach(ours, "lora", r=8, targets=["query", "value"]).freeze_backbone()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=8, target_modules=["query", "value"]))
+    out = {}
+    for name, model in (("ours", ours), ("peft", theirs)):
+        eager, _ = stepper(model, batch)
+        compiled, _ = stepper(torch.compile(model), batch)
+        start = time.perf_counter()
+        compiled()
+        out[name] = {"compile_seconds": time.perf_counter() - start, **abba(compiled, eager, repeats)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
     results = {"frozen_bound": frozen_bound(args.repeats), "full_vs_lora": full_vs_lora(args.repeats),
                "checkpoint_scaling": checkpoint_scaling(args.repeats), "attach_7b": attach_7b(),
-               "inference": inference(args.repeats), "compile": graph_breaks()}
+               "inference": inference(args.repeats), "compile": graph_breaks(),
+               "compiled_vs_eager": compiled_vs_eager(args.repeats)}
     fb, fl, inf, a7 = results["frozen_bound"], results["full_vs_lora"], results["inference"], results["attach_7b"]
     print(f"LoRA step / frozen-backward bound (MiniLM 16x128): {fb['ratio']:.3f}  (goal <= 1.05)")
     print(f"full fine-tuning vs LoRA (MiniLM): time LoRA/full {fl['ratio']:.3f}, peak memory LoRA/full "
@@ -173,6 +198,9 @@ def main() -> None:
           f"{inf['unmerged_over_backbone']:.3f}")
     print(f"torch.compile graph breaks: ours {results['compile']['ours']['graph_breaks']}, "
           f"PEFT {results['compile']['peft']['graph_breaks']}")
+    cve = results["compiled_vs_eager"]
+    print(f"compiled/eager LoRA train step (BERT 256x4, 8x128): ours {cve['ours']['ratio']:.3f}, PEFT "
+          f"{cve['peft']['ratio']:.3f}; compiled ours/PEFT {cve['ours']['a_median'] / cve['peft']['a_median']:.3f}")
     write("overheads", {"repeats": args.repeats, **results})
 
 
