@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lightning_delta.errors import DeltaConfigError, DeltaError, MergeError
+from lightning_delta.errors import DeltaConfigError, DeltaError, MergeError, UnsupportedModuleError
 from lightning_delta.targets import ATTENTION_PRESETS, normalize_patterns, preset, resolve_targets
 
 _COMMON_FIELDS = ("targets", "exclude", "name", "delta_dtype")
@@ -104,6 +104,21 @@ class DeltaConfig:
         """Raises a :class:`DeltaConfigError` naming the hyper-parameter, its value and the valid range."""
         if not ok:
             raise DeltaConfigError(f"{cls.method}: {name}={value!r} is invalid; {name} must be {expected}")
+
+
+class WholeModelConfig(DeltaConfig):
+    """Base of methods that attach to the model itself rather than to target modules (prompt,
+    prefix, the PEFT backend): their delta is the child ``<name>`` of the model."""
+
+    def target_names(self, model: nn.Module) -> list[str]:
+        if self.targets not in (None, [], [""]):
+            raise UnsupportedModuleError(
+                f"{self.method!r} attaches to the whole model, not to targets {self.targets!r}: pass targets=None")
+        if not self.supports(model):
+            raise UnsupportedModuleError(
+                f"{self.method!r} needs {self.supported_types}, not {type(model).__name__}; attach it to the"
+                " transformers model (DeltaCallback(module=...) names it inside a LightningModule)")
+        return [""]
 
 
 class Delta(nn.Module):

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_delta.core import Delta, DeltaConfig
-from lightning_delta.errors import DeltaConfigError, UnsupportedModuleError
+from lightning_delta.core import Delta, WholeModelConfig
+from lightning_delta.errors import DeltaConfigError
 
 
 def _require_peft() -> Any:
@@ -45,7 +45,7 @@ def peft_adapter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 @dataclass
-class PeftDeltaConfig(DeltaConfig):
+class PeftDeltaConfig(WholeModelConfig):
     """A PEFT config carried as a delta spec.
 
     Args:
@@ -54,7 +54,7 @@ class PeftDeltaConfig(DeltaConfig):
     """
 
     method = "peft"
-    supported_types = "whatever the PEFT method supports (PEFT resolves its own target_modules)"
+    supported_types = "any model PEFT can inject into (targets come from the PEFT config's target_modules)"
 
     peft: dict[str, Any] = field(default_factory=dict)
 
@@ -75,12 +75,6 @@ class PeftDeltaConfig(DeltaConfig):
         data = {k: v for k, v in peft_config.to_dict().items() if not k.startswith("_")}
         data = {k: (v.value if hasattr(v, "value") else v) for k, v in data.items()}
         return cls(peft=data, **kwargs)
-
-    def target_names(self, model: nn.Module) -> list[str]:
-        if self.targets not in (None, [], [""]):
-            raise UnsupportedModuleError(
-                f"the PEFT backend takes its targets from the PEFT config (target_modules), not {self.targets!r}")
-        return [""]
 
     def supports(self, module: nn.Module) -> bool:
         return True

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_delta.core import Delta, DeltaConfig, fill_, kaiming_
+from lightning_delta.core import Delta, WholeModelConfig, fill_, kaiming_
 from lightning_delta.errors import UnsupportedModuleError
 
 
@@ -80,7 +80,7 @@ def _attention_shape(config: object) -> tuple[int, int, int]:
 
 
 @dataclass
-class PrefixConfig(DeltaConfig):
+class PrefixConfig(WholeModelConfig):
     """Prefix tuning hyper-parameters.
 
     Args:
@@ -91,7 +91,7 @@ class PrefixConfig(DeltaConfig):
     """
 
     method = "prefix"
-    supported_types = "transformers encoder or decoder-only models that take past_key_values"
+    supported_types = "a transformers model (with a config) whose forward takes past_key_values"
 
     num_virtual_tokens: int = 20
     projection: bool = False
@@ -110,15 +110,9 @@ class PrefixConfig(DeltaConfig):
 
     def target_names(self, model: nn.Module) -> list[str]:
         """The model itself: the prefix enters through its ``past_key_values``."""
-        if self.targets not in (None, [], [""]):
-            raise UnsupportedModuleError(
-                f"prefix attaches to the whole model, not to targets {self.targets!r}: pass targets=None")
-        if not self.supports(model):
-            raise UnsupportedModuleError(
-                f"prefix needs a transformers model (with a config), not {type(model).__name__};"
-                " use 'prompt' or 'lora' there")
-        cache_owner(model)
-        return [""]
+        names = super().target_names(model)
+        cache_owner(model)  # raises if nothing in it takes past_key_values
+        return names
 
     def build(self, module: nn.Module, seed: int, path: str = "") -> Prefix:
         return Prefix(self, module).seeded(seed)

@@ -19,14 +19,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_delta.core import Delta, DeltaConfig
-from lightning_delta.errors import UnsupportedModuleError
+from lightning_delta.core import Delta, WholeModelConfig
 
 INITS = ("vocab", "random")
 
 
 @dataclass
-class PromptConfig(DeltaConfig):
+class PromptConfig(WholeModelConfig):
     """Soft prompt hyper-parameters.
 
     Args:
@@ -49,17 +48,6 @@ class PromptConfig(DeltaConfig):
 
     def supports(self, module: nn.Module) -> bool:
         return callable(getattr(module, "get_input_embeddings", None))
-
-    def target_names(self, model: nn.Module) -> list[str]:
-        """The model itself: the prompt rewrites its inputs."""
-        if self.targets not in (None, [], [""]):
-            raise UnsupportedModuleError(
-                f"prompt attaches to the whole model, not to targets {self.targets!r}: pass targets=None")
-        if not self.supports(model):
-            raise UnsupportedModuleError(
-                f"prompt needs a model with get_input_embeddings(), not {type(model).__name__}; attach it to the"
-                " transformers model (DeltaCallback(module=...) names it inside a LightningModule)")
-        return [""]
 
     def build(self, module: nn.Module, seed: int, path: str = "") -> SoftPrompt:
         return SoftPrompt(self, module, seed)
