@@ -81,6 +81,10 @@ class SoftPrompt(Delta):
             values = torch.randn(self.embedding.shape, generator=generator) * std
         self.embedding.copy_(values.to(self.embedding.device, self.embedding.dtype))
 
+    def states(self) -> torch.Tensor:
+        """The prompt embeddings, ``(num_virtual_tokens, hidden)``."""
+        return self.embedding
+
     def hook_into(self, target: nn.Module) -> None:
         """Decoder-only and encoder models: one pre-hook on the model. Encoder-decoder models: the
         prompt goes in front of the encoder's inputs (also when ``generate()`` runs the encoder by
