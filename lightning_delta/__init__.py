@@ -33,6 +33,7 @@ from lightning_delta.methods.parallel_adapter import ParallelAdapterConfig  # no
 from lightning_delta.methods.peft_backend import PeftDeltaConfig  # noqa: E402
 from lightning_delta.methods.prefix import PrefixConfig  # noqa: E402
 from lightning_delta.methods.prompt import PromptConfig  # noqa: E402
+from lightning_delta.optim import param_groups  # noqa: E402
 from lightning_delta.targets import resolve_targets  # noqa: E402
 
 _LIGHTNING_NAMES = {"DeltaCallback": "callback", "find_backbone": "callback",
@@ -80,6 +81,7 @@ __all__ = [
     "find_backbone",
     "load_delta",
     "make_config",
+    "param_groups",
     "resolve_targets",
     "trainable_parameters",
 ]

@@ -39,8 +39,14 @@ class DeltaSummary:
         parts = ", ".join(f"{name}: {n:,}" for name, n in self.per_delta.items()) or "none"
         return (
             f"trainable {self.trainable:,} of {self.total:,} parameters ({pct(self.trainable)});"
-            f" delta {self.delta:,} ({pct(self.delta)}) [{parts}]"
+            f" delta {self.delta:,} ({pct(self.delta)}) [{parts}];"
+            f" AdamW state ~{self.adam_state_bytes / 2**20:.1f} MiB"
         )
+
+    @property
+    def adam_state_bytes(self) -> int:
+        """Estimated AdamW state: two fp32 moments per trainable parameter."""
+        return 8 * self.trainable
 
 
 def to_configs(

@@ -216,3 +216,9 @@ def test_attach_on_the_meta_device_allocates_nothing():
     handle = attach(model, "lora", r=8).freeze_backbone()
     assert handle.summary().delta == 4 * 2 * 8 * (256 + 256)
     assert all(p.device.type == "meta" for p in handle.delta_parameters())
+
+
+def test_summary_reports_adam_state():
+    handle = attach(tiny_bert(), "lora", r=2).freeze_backbone()
+    assert handle.summary().adam_state_bytes == 8 * handle.summary().trainable
+    assert "AdamW state" in str(handle.summary())
