@@ -8,7 +8,12 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from lightning_delta.checkpoint import DeltaCheckpointHooks, attach_from_checkpoint, load_delta  # noqa: E402
+from lightning_delta.checkpoint import (  # noqa: E402
+    DeltaCheckpointHooks,
+    attach_from_checkpoint,
+    load_delta,
+    save_delta,
+)
 from lightning_delta.core import Delta, DeltaConfig  # noqa: E402
 from lightning_delta.errors import (  # noqa: E402
     CheckpointReadError,
@@ -83,5 +88,6 @@ __all__ = [
     "make_config",
     "param_groups",
     "resolve_targets",
+    "save_delta",
     "trainable_parameters",
 ]

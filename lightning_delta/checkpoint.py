@@ -19,7 +19,7 @@ from torch import nn
 
 from lightning_delta import __version__
 from lightning_delta.core import DeltaConfig, detach_delta
-from lightning_delta.errors import DeltaStateError
+from lightning_delta.errors import CheckpointReadError, DeltaStateError
 from lightning_delta.handle import DeltaModel, ensure_attached
 from lightning_delta.methods import config_from_dict
 from lightning_delta.state import (
@@ -123,9 +123,16 @@ class DeltaCheckpointHooks:
         ]
 
 
-def _locate_backbone(model: nn.Module, recorded_path: str, state: Mapping[str, torch.Tensor]):
+def _locate_backbone(model: nn.Module, recorded_path: str, state: Mapping[str, torch.Tensor],
+                     recorded_class: str | None = None):
     """Where the backbone sits in ``model`` and the state keys relative to ``model``."""
     if not recorded_path:
+        # saved from the backbone itself (save_delta): find it inside ``model`` by its class if needed
+        if recorded_class and type(model).__name__ != recorded_class:
+            found = [n for n, m in model.named_modules() if n and type(m).__name__ == recorded_class]
+            if len(found) == 1:
+                start = _prefix(found[0])
+                return model.get_submodule(found[0]), start, {start + k: v for k, v in state.items()}
         return model, "", dict(state)
     try:
         return model.get_submodule(recorded_path), _prefix(recorded_path), dict(state)
@@ -140,6 +147,56 @@ def _locate_backbone(model: nn.Module, recorded_path: str, state: Mapping[str, t
             f" load it into the module that holds the backbone (the LightningModule) instead of {type(model).__name__}"
         )
     return model, "", {k[len(start) :]: v for k, v in state.items()}
+
+
+DELTA_TENSORS = "delta.safetensors"
+DELTA_RECORD = "delta.json"
+
+
+def save_delta(model: nn.Module, directory: str | Path) -> Path:
+    """Writes the deltas of ``model`` (the backbone they are attached to) as safetensors + JSON: no pickle.
+
+    ``directory/delta.safetensors`` holds the delta and trainable tensors, ``directory/delta.json``
+    the specs, trainable patterns, backbone fingerprint and library version. ``load_delta(model,
+    directory)`` reads it back into the backbone or into a module that holds it.
+
+    Raises:
+        DeltaStateError: ``model`` has no delta attached.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    handle = DeltaModel(model)
+    if not handle.deltas():
+        raise DeltaStateError(f"{type(model).__name__} has no delta attached: nothing to save")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous().cpu() for k, v in handle.delta_state_dict().items()}
+    save_file(tensors, str(directory / DELTA_TENSORS), metadata={"format": "lightning_delta"})
+    (directory / DELTA_RECORD).write_text(json.dumps(checkpoint_metadata(model, ""), indent=2))
+    return directory
+
+
+def read_delta_dir(directory: str | Path) -> dict[str, Any]:
+    """Reads a :func:`save_delta` folder into the dict ``load_delta`` takes.
+
+    Raises:
+        CheckpointReadError: a file is missing or unreadable.
+    """
+    import json
+
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    try:
+        record = json.loads((directory / DELTA_RECORD).read_text())
+        tensors = load_file(str(directory / DELTA_TENSORS))
+    except (OSError, ValueError) as err:
+        raise CheckpointReadError(
+            f"{str(directory)!r} is not a readable delta folder ({DELTA_TENSORS} + {DELTA_RECORD}): {err}"
+        ) from err
+    return {"state_dict": tensors, META_KEY: record}
 
 
 def load_delta(
@@ -159,7 +216,8 @@ def load_delta(
 
     Args:
         model: the module to load into.
-        checkpoint: a path to a ``.ckpt`` file (read with ``weights_only=True``) or a loaded dict.
+        checkpoint: a ``.ckpt`` file (read with ``weights_only=True``), a :func:`save_delta` folder,
+            or a loaded dict.
         strict: whether a delta tensor missing from the checkpoint is an error.
         map_location: passed to ``torch.load``.
         specs: delta configs to attach, for files without a delta record (``save_weights_only=True``).
@@ -174,7 +232,12 @@ def load_delta(
         CheckpointReadError: the file is missing, truncated or not a safe checkpoint.
         DeltaStateError: the checkpoint does not fit the model; the model is left as it was.
     """
-    ckpt = checkpoint if isinstance(checkpoint, Mapping) else read_checkpoint(checkpoint, map_location)
+    if isinstance(checkpoint, Mapping):
+        ckpt = checkpoint
+    elif Path(checkpoint).is_dir():
+        ckpt = read_delta_dir(checkpoint)
+    else:
+        ckpt = read_checkpoint(checkpoint, map_location)
     state = ckpt.get("state_dict", ckpt)
     meta = ckpt.get(META_KEY)
     if specs is None:
@@ -187,7 +250,9 @@ def load_delta(
         specs = [config_from_dict(s) for s in meta["specs"]]
     if trainable is None:
         trainable = meta["trainable"] if meta else ()
-    backbone, prefix, state = _locate_backbone(model, meta["backbone"] if meta else module or "", state)
+    recorded_class = meta["fingerprint"].get("class") if meta else None
+    backbone, prefix, state = _locate_backbone(model, meta["backbone"] if meta else module or "", state,
+                                               recorded_class)
     notes = compare_fingerprint(meta["fingerprint"], backbone) if meta else []
 
     grads = {p: p.requires_grad for p in model.parameters()}
