@@ -58,8 +58,8 @@ def checkpoint_metadata(root: nn.Module, backbone_path: str) -> dict[str, Any]:
 
 def spec_differences(recorded: Sequence[Mapping[str, Any]], configs: Mapping[str, DeltaConfig]) -> list[str]:
     """Differences in method and hyper-parameters between recorded specs and attached configs."""
-    mine = {name: (c.method, c.hparams()) for name, c in configs.items()}
-    theirs = {s["name"]: (s["method"], config_from_dict(s).hparams()) for s in recorded}
+    mine = {name: c.settings() for name, c in configs.items()}
+    theirs = {s["name"]: config_from_dict(s).settings() for s in recorded}
     return [
         f"{name}: checkpoint {theirs.get(name)}, model {mine.get(name)}"
         for name in dict.fromkeys([*theirs, *mine])

@@ -13,8 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
-from collections.abc import Callable
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -94,6 +93,10 @@ class DeltaConfig:
     def hparams(self) -> dict[str, Any]:
         """The method's own hyper-parameters (everything but targets, exclude and name)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _COMMON_FIELDS}
+
+    def settings(self) -> tuple[str, dict[str, Any]]:
+        """Method and hyper-parameters: what must agree for two configs to describe the same delta."""
+        return self.method, self.hparams()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable description; ``config_from_dict`` inverts it."""

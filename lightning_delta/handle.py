@@ -17,7 +17,14 @@ from torch import nn
 from lightning_delta.core import AttachedDelta, DeltaConfig, attach_config, check_merge, detach_delta, iter_deltas
 from lightning_delta.errors import DeltaConfigError
 from lightning_delta.methods import make_config
-from lightning_delta.state import TRAINABLE_ATTR, kept_keys, load_into, state_tensors, trainable_module_names
+from lightning_delta.state import (
+    TRAINABLE_ATTR,
+    delta_owners,
+    kept_keys,
+    load_into,
+    state_tensors,
+    trainable_module_names,
+)
 from lightning_delta.targets import normalize_patterns
 
 MethodSpec = str | DeltaConfig
@@ -105,7 +112,7 @@ def ensure_attached(model: nn.Module, configs: Iterable[DeltaConfig], seed: int 
         have = DeltaModel(model).configs.get(name)
         if have is None:
             added.append(attach_config(model, config, seed))
-        elif (have.method, have.hparams()) != (config.method, config.hparams()):
+        elif have.settings() != config.settings():
             raise DeltaConfigError(
                 f"delta {name!r} is already attached as {have}, not as {config}; detach it first or pick another name"
             )
@@ -167,12 +174,9 @@ class DeltaModel:
     # -- parameters and state ---------------------------------------------------------------
     def delta_parameters(self) -> list[nn.Parameter]:
         """The parameters of every delta module, each once."""
-        from lightning_delta.methods.peft_backend import peft_adapter_modules
-
         seen: dict[int, nn.Parameter] = {}
-        modules = [d.module for d in self.deltas()] + [m for _, m in peft_adapter_modules(self.model)]
-        for module in modules:
-            for p in module.parameters():
+        for path in delta_owners(self.model):  # our deltas and PEFT's adapter parts
+            for p in self.model.get_submodule(path).parameters():
                 seen.setdefault(id(p), p)
         return list(seen.values())
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from lightning_delta.core import Delta, iter_deltas
+from lightning_delta.targets import candidate_modules
 
 
 class Fp32Boundary:
@@ -51,11 +51,8 @@ def keep_trainable_fp32(model: nn.Module, dtype: torch.dtype) -> list[str]:
     Returns:
         The names of the modules now running in fp32.
     """
-    delta_paths = [d.path for d in iter_deltas(model)]
     changed = []
-    for name, module in model.named_modules():
-        if isinstance(module, Delta) or any(name == p or name.startswith(p + ".") for p in delta_paths):
-            continue
+    for name, module in [("", model), *candidate_modules(model)]:  # every module outside the deltas
         own = [p for p in module.parameters(recurse=False) if p.requires_grad and p.is_floating_point()]
         if not own:
             continue

@@ -51,6 +51,16 @@ def family_inputs(family: str, batch: int = 2, seq: int = 6) -> dict:
     return {"input_ids": ids}
 
 
+def inputs_and_labels(family: str) -> tuple[dict, torch.Tensor]:
+    """:func:`family_inputs` with a padded attention mask, and labels for the family's task."""
+    inputs = family_inputs(family)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs["attention_mask"][1, :2] = 0  # some padding
+    if family == "t5":
+        return inputs, inputs.pop("decoder_input_ids")
+    return inputs, (torch.tensor([0, 1]) if family == "bert" else inputs["input_ids"].clone())
+
+
 def family_output(model, inputs) -> torch.Tensor:
     return model(**inputs).logits
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_delta import DeltaModel, attach
-from models import FAMILIES, family_inputs
+from models import FAMILIES, inputs_and_labels
 
 TASKS = {"bert": "SEQ_CLS", "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
 
@@ -23,15 +23,6 @@ def pair(family, n=3):
         task_type=TASKS[family], num_virtual_tokens=n, **extra))
     twin.load_state_dict({"prompt_encoder.default.embedding.weight": model.prompt.embedding.detach()}, strict=False)
     return base, model, twin.eval()
-
-
-def inputs_and_labels(family):
-    inputs = family_inputs(family)
-    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-    inputs["attention_mask"][1, :2] = 0  # some padding
-    if family == "t5":
-        return inputs, inputs.pop("decoder_input_ids")
-    return inputs, (torch.tensor([0, 1]) if family == "bert" else inputs["input_ids"].clone())
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -13,6 +13,7 @@ of encoder-decoders (T5); ``generate()`` included. Parameters:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -44,28 +45,17 @@ def cache_owner(model: nn.Module) -> nn.Module:
 _BATCH_SOURCES = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds")
 
 
-def _storing_cache() -> type:
-    from transformers import DynamicCache
-
-    return DynamicCache
-
-
-_READ_ONLY: type | None = None
-
-
+@functools.cache
 def _read_only_cache() -> type:
     """A ``DynamicCache`` whose ``update`` returns prefix + new states without storing the new ones."""
-    global _READ_ONLY
-    if _READ_ONLY is None:
-        from transformers import DynamicCache
+    from transformers import DynamicCache
 
-        class PrefixCache(DynamicCache):
-            def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-                layer = self.layers[layer_idx]
-                return (torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2))
+    class PrefixCache(DynamicCache):
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+            layer = self.layers[layer_idx]
+            return (torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2))
 
-        _READ_ONLY = PrefixCache
-    return _READ_ONLY
+    return PrefixCache
 
 
 def _attention_shape(config: object) -> tuple[int, int, int]:
@@ -184,12 +174,10 @@ class Prefix(Delta):
             # stored pair 2i mod L; cross-attention gets none (PEFT resets that cache). Matched so that
             # PEFT-format exports give the same outputs.
             pairs = [pairs[(2 * i) % self.layers] for i in range(self.layers)]
-        cache = _storing_cache()(pairs) if store else _read_only_cache()(pairs)
-        if self.encoder_decoder:
-            from transformers import DynamicCache, EncoderDecoderCache
+        from transformers import DynamicCache, EncoderDecoderCache
 
-            cache = EncoderDecoderCache(cache, DynamicCache())
-        return cache
+        cache = DynamicCache(pairs) if store else _read_only_cache()(pairs)
+        return EncoderDecoderCache(cache, DynamicCache()) if self.encoder_decoder else cache
 
     def pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Injects a fresh prefix cache (first step), extends the mask and shifts positions past the prefix."""
