@@ -10,7 +10,7 @@ missing, everything else is checked. :func:`load_delta` rebuilds a model from a 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from lightning_delta.core import DeltaConfig, detach_delta
 from lightning_delta.errors import CheckpointReadError, DeltaStateError
 from lightning_delta.handle import DeltaModel, ensure_attached
 from lightning_delta.methods import config_from_dict
+from lightning_delta.targets import normalize_patterns
 from lightning_delta.state import (
     TRAINABLE_ATTR,
     check_fit,
@@ -43,17 +44,31 @@ def _prefix(path: str) -> str:
     return path + "." if path else ""
 
 
-def checkpoint_metadata(root: nn.Module, backbone_path: str) -> dict[str, Any]:
-    """The delta record a checkpoint carries: specs, trainable patterns and the backbone's fingerprint."""
+def checkpoint_metadata(root: nn.Module, backbone_path: str, names: Collection[str] | None = None) -> dict[str, Any]:
+    """The delta record a checkpoint carries: specs, trainable patterns, the backbone's fingerprint and source.
+
+    With ``names``, only those deltas and no trainable modules are recorded.
+    """
     backbone = root.get_submodule(backbone_path)
+    configs = DeltaModel(backbone).configs
     return {
         "format": FORMAT_VERSION,
         "version": __version__,
         "backbone": backbone_path,
-        "specs": [config.to_dict() for config in DeltaModel(backbone).configs.values()],
-        "trainable": list(getattr(backbone, TRAINABLE_ATTR, ())),
+        "specs": [config.to_dict() for n, config in configs.items() if names is None or n in names],
+        "trainable": list(getattr(backbone, TRAINABLE_ATTR, ())) if names is None else [],
         "fingerprint": fingerprint(backbone),
+        "source": backbone_source(backbone),
     }
+
+
+def backbone_source(backbone: nn.Module) -> dict[str, Any] | None:
+    """Where a transformers backbone comes from: its class, ``name_or_path`` and config (to rebuild it)."""
+    config = getattr(backbone, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return None
+    return {"class": type(backbone).__name__, "name_or_path": getattr(config, "_name_or_path", ""),
+            "config": config.to_dict()}
 
 
 def spec_differences(recorded: Sequence[Mapping[str, Any]], configs: Mapping[str, DeltaConfig]) -> list[str]:
@@ -153,15 +168,19 @@ DELTA_TENSORS = "delta.safetensors"
 DELTA_RECORD = "delta.json"
 
 
-def save_delta(model: nn.Module, directory: str | Path) -> Path:
+def save_delta(model: nn.Module, directory: str | Path, names: str | Iterable[str] | None = None) -> Path:
     """Writes the deltas of ``model`` (the backbone they are attached to) as safetensors + JSON: no pickle.
 
     ``directory/delta.safetensors`` holds the delta and trainable tensors, ``directory/delta.json``
     the specs, trainable patterns, backbone fingerprint and library version. ``load_delta(model,
     directory)`` reads it back into the backbone or into a module that holds it.
 
+    Args:
+        names: save only these deltas (one task of several), without trainable modules.
+
     Raises:
         DeltaStateError: ``model`` has no delta attached.
+        DeltaConfigError: an unknown name.
     """
     import json
 
@@ -170,11 +189,13 @@ def save_delta(model: nn.Module, directory: str | Path) -> Path:
     handle = DeltaModel(model)
     if not handle.deltas():
         raise DeltaStateError(f"{type(model).__name__} has no delta attached: nothing to save")
+    chosen = None if names is None else [d.name for d in handle._selected(names)]
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous().cpu() for k, v in handle.delta_state_dict().items()}
+    keys = kept_keys(model, chosen, () if chosen is not None else None)
+    tensors = {k: t.detach().contiguous().cpu() for k, t in state_tensors(model).items() if k in keys}
     save_file(tensors, str(directory / DELTA_TENSORS), metadata={"format": "lightning_delta"})
-    (directory / DELTA_RECORD).write_text(json.dumps(checkpoint_metadata(model, ""), indent=2))
+    (directory / DELTA_RECORD).write_text(json.dumps(checkpoint_metadata(model, "", chosen), indent=2))
     return directory
 
 
@@ -257,11 +278,15 @@ def load_delta(
 
     grads = {p: p.requires_grad for p in model.parameters()}
     recorded_trainable = backbone.__dict__.get(TRAINABLE_ATTR)
+    trainable = list(dict.fromkeys([*(recorded_trainable or ()), *normalize_patterns(trainable)]))
     added: list[str] = []
     try:
         added = ensure_attached(backbone, specs)
         handle = DeltaModel(backbone).freeze_backbone(trainable)
-        expected = {prefix + k for k in kept_keys(backbone)}
+        names = {s.name or s.method for s in specs}
+        # the deltas this file holds and its trainable modules; other deltas already attached are not its business
+        expected = {prefix + k for k in kept_keys(backbone, names, normalize_patterns(meta["trainable"] if meta
+                                                                                       else trainable))}
         if prefix:
             expected |= {k for k in state_tensors(model) if not k.startswith(prefix)}
         load_into(model, state, expected, strict=strict)

@@ -132,7 +132,12 @@ class Delta(nn.Module):
     """
 
     mergeable: ClassVar[bool] = False
+    #: whether the delta can apply to some rows of a batch only (:meth:`DeltaModel.mixed_batch`)
+    row_selectable: ClassVar[bool] = False
     init_seed: int = 0  #: seed of the initial values, from the run's seed and the delta's path
+    active: bool = True  #: an inactive delta leaves its target's output alone (:meth:`DeltaModel.set_active`)
+    #: per-row selection while a mixed batch runs: ``(batch,)`` bools, ``None`` for every row
+    row_mask: torch.Tensor | None = None
 
     def __init__(self, config: DeltaConfig, target: nn.Module) -> None:
         super().__init__()
@@ -171,9 +176,26 @@ class Delta(nn.Module):
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @property
+    def idle(self) -> bool:
+        """Whether the hooks leave the target alone: the delta is merged or inactive."""
+        return self.merged or not self.active
+
+    def row_gate(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The row mask shaped to broadcast over ``x`` ``(batch, ...)``, or ``None`` outside a mixed batch."""
+        mask = self.row_mask
+        if mask is None:
+            return None
+        if x.shape[0] != mask.shape[0]:
+            raise DeltaConfigError(
+                f"a mixed batch names a delta for {mask.shape[0]} rows, but {self.config.name!r} sees a batch of"
+                f" {x.shape[0]}: give one delta name (or None) per row of the inputs"
+            )
+        return mask.to(x.device).view(-1, *([1] * (x.dim() - 1)))
+
     def forward_hook(self, target: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        """Forward hook installed on the target: applies the delta unless it is merged."""
-        if self.merged:
+        """Forward hook installed on the target: applies the delta unless it is merged or inactive."""
+        if self.idle:
             return output
         x = args[0] if args else next(iter(kwargs.values()))
         return self(x, output)

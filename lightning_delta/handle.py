@@ -7,7 +7,8 @@ gives a correct handle again with ``DeltaModel(model)``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,6 +171,72 @@ class DeltaModel:
         for delta_name in [name] if name is not None else list(self.configs):
             detach_delta(self.model, delta_name)
         return self.model
+
+    # -- several deltas on one backbone ------------------------------------------------------
+    @property
+    def active(self) -> list[str]:
+        """Names of the deltas that apply in forward (all, unless :meth:`set_active` chose some)."""
+        return [name for name in self.configs if any(d.module.active for d in self.deltas(name))]
+
+    def set_active(self, names: str | Iterable[str] | None) -> DeltaModel:
+        """Applies and trains only deltas ``names`` (``None``: all); the others stay attached, frozen, unused.
+
+        Train one task's delta while the others wait: ``set_active("task_b")`` makes only
+        ``task_b``'s tensors require grad and only ``task_b`` change the outputs.
+
+        Raises:
+            DeltaConfigError: an unknown name, or a PEFT-backend delta (PEFT switches its own adapters).
+        """
+        chosen = {d.name for d in self._selected(names)}
+        peft = [n for n, c in self.configs.items() if c.method == "peft"]
+        if peft:
+            raise DeltaConfigError(f"set_active does not switch PEFT-backend deltas {peft}; detach them first")
+        for d in self.deltas():
+            d.module.active = d.name in chosen
+            d.module.requires_grad_(d.name in chosen)
+        return self
+
+    @contextmanager
+    def mixed_batch(self, delta_names: Sequence[str | None]) -> Iterator[DeltaModel]:
+        """Within the block, row ``i`` of every forward uses only delta ``delta_names[i]`` (``None``: none).
+
+        One forward serves several tasks, each row as if its delta alone were attached (LoRA and
+        IA3, not merged). Other deltas must be inactive (:meth:`set_active`)::
+
+            with handle.mixed_batch(["task_a", "task_b", None]):
+                logits = model(**batch).logits   # batch of 3 rows
+
+        Raises:
+            DeltaConfigError: an unknown name, a method without per-row selection that would apply
+                to every row, or a merged delta.
+        """
+        rows = list(delta_names)
+        named = sorted({n for n in rows if n is not None})
+        self._selected(named)  # unknown names raise
+        selectable = [d for d in self.deltas() if d.module.row_selectable]
+        blocking = sorted({d.name for d in self.deltas() if not d.module.row_selectable and d.module.active}
+                          | {d.name for d in selectable if d.module.merged})
+        if blocking:
+            raise DeltaConfigError(
+                f"deltas {blocking} would apply to every row of a mixed batch (only unmerged LoRA and IA3 select"
+                " rows): set_active([...]) without them, or unmerge() first")
+        saved = [(d.module, d.module.active) for d in selectable]
+        try:
+            for d in selectable:
+                d.module.active = True
+                d.module.row_mask = torch.tensor([n == d.name for n in rows], dtype=torch.bool)
+            yield self
+        finally:
+            for module, was_active in saved:
+                module.active, module.row_mask = was_active, None
+
+    def combine(self, names: Sequence[str], weights: Sequence[float] | None = None, *, name: str,
+                how: str = "cat", rank: int | None = None, density: float = 0.5, seed: int = 0) -> DeltaModel:
+        """Attaches LoRA delta ``name`` combining LoRA deltas ``names``: see :mod:`lightning_delta.combine`."""
+        from lightning_delta.combine import combine_lora
+
+        combine_lora(self.model, names, weights, name=name, how=how, rank=rank, density=density, seed=seed)
+        return self
 
     # -- parameters and state ---------------------------------------------------------------
     def delta_parameters(self) -> list[nn.Parameter]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import pickle
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,8 @@ def trainable_module_names(model: nn.Module, patterns: Iterable[str]) -> list[st
 
 
 def _under(key: str, paths: Iterable[str]) -> bool:
-    return any(key.startswith(p + ".") for p in paths)
+    """Whether ``key`` is one of ``paths`` or inside one (PEFT's ParameterDict entries are paths)."""
+    return any(key == p or key.startswith(p + ".") for p in paths)
 
 
 def delta_owners(model: nn.Module) -> list[str]:
@@ -73,14 +74,28 @@ def canonical(key: str) -> str:
     return key.replace(".base_layer.", ".")
 
 
-def kept_keys(model: nn.Module) -> set[str]:
-    """Keys of ``model.state_dict()`` that a delta checkpoint of ``model`` holds."""
+def kept_keys(model: nn.Module, names: Collection[str] | None = None,
+              trainable: Iterable[str] | None = None) -> set[str]:
+    """Keys of ``model.state_dict()`` that a delta checkpoint of ``model`` holds.
+
+    Args:
+        names: only these deltas' tensors (default: every delta's), with ``trainable``.
+        trainable: trainable module patterns (default: those recorded by ``freeze_backbone``);
+            with ``names``, other parameters that require grad are left out.
+    """
     owners = delta_owners(model)
-    owners += trainable_module_names(model, getattr(model, TRAINABLE_ATTR, ()))
+    patterns = getattr(model, TRAINABLE_ATTR, ()) if trainable is None else trainable
+    modules = trainable_module_names(model, patterns)
+    if names is not None:
+        from lightning_delta.methods.peft_backend import peft_adapter_modules
+
+        owners = [d.path for d in iter_deltas(model) if d.name in names]
+        owners += [f"{part}.{name}" for part, _ in peft_adapter_modules(model) for name in names]
+        return {key for key in state_tensors(model) if _under(key, owners + modules)}
     return {
         key
         for key, tensor in state_tensors(model).items()
-        if (isinstance(tensor, nn.Parameter) and tensor.requires_grad) or _under(key, owners)
+        if (isinstance(tensor, nn.Parameter) and tensor.requires_grad) or _under(key, owners + modules)
     }
 
 

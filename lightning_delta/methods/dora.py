@@ -54,7 +54,7 @@ class DoRA(LoRALinear):
 
     def forward_hook(self, target: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         """``output + (g - 1) * W x + g * s * B A dropout(x)`` with ``g = m / ||W + s B A||``."""
-        if self.merged:
+        if self.idle:
             return output
         x = args[0] if args else next(iter(kwargs.values()))
         bias = getattr(target, "bias", None)

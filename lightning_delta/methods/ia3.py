@@ -73,6 +73,7 @@ class IA3(Delta):
     """A learned rescaling of a target's output (or input, for feed-forward targets)."""
 
     mergeable = True
+    row_selectable = True
 
     def __init__(self, config: IA3Config, target: nn.Module, on_input: bool) -> None:
         super().__init__(config, target)
@@ -88,14 +89,20 @@ class IA3(Delta):
 
     def pre_hook(self, target: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Rescales the target's input ``(..., in)``."""
-        if self.merged:
+        if self.idle:
             return None
         x = args[0]
-        return (x * self.scale.to(x.dtype), *args[1:]), kwargs
+        return (x * self._factor(x), *args[1:]), kwargs
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """Rescales the target's output ``(..., out)``."""
-        return output * self.scale.to(output.dtype)
+        return output * self._factor(output)
+
+    def _factor(self, t: torch.Tensor) -> torch.Tensor:
+        """The scale in ``t``'s dtype; in a mixed batch, 1 on the rows that do not select this delta."""
+        scale = self.scale.to(t.dtype)
+        gate = self.row_gate(t)
+        return scale if gate is None else torch.where(gate, scale, torch.ones_like(scale))
 
     def _fold(self, target: nn.Module, factor: torch.Tensor) -> None:
         weight = target.weight

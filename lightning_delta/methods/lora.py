@@ -70,6 +70,7 @@ class LoRA(Delta):
     """Shared parts of the LoRA variants: the two factors, scaling and merge."""
 
     mergeable = True
+    row_selectable = True
 
     def __init__(self, config: LoraConfig, target: nn.Module, a_shape: tuple[int, ...], b_shape: tuple[int, ...]):
         super().__init__(config, target)
@@ -87,6 +88,11 @@ class LoRA(Delta):
         """
         self.B.zero_()
         kaiming_(self.A, self.generator())
+
+    def add(self, output: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        """``output + update``; in a mixed batch only on the rows that select this delta."""
+        gate = self.row_gate(output)
+        return output + (update if gate is None else update * gate)
 
     def delta_weight(self, target: nn.Module) -> torch.Tensor:
         """The update in the layout of ``target.weight``: ``s * B @ A``."""
@@ -122,7 +128,8 @@ class LoRALinear(LoRA):
         """
         x = self.dropout(x)
         # the scale goes into the small B, not onto the (batch, seq, out) product
-        return output + F.linear(F.linear(x, self.A.to(x.dtype)), (self.B * self.scale).to(x.dtype)).to(output.dtype)
+        update = F.linear(F.linear(x, self.A.to(x.dtype)), (self.B * self.scale).to(x.dtype))
+        return self.add(output, update.to(output.dtype))
 
     def delta_weight(self, target: nn.Module) -> torch.Tensor:
         update = super().delta_weight(target)
@@ -139,7 +146,7 @@ class LoRAEmbedding(LoRA):
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """``output + s * A.T[x] @ B.T``; x ``(...)`` token ids, output ``(..., dim)``."""
         looked_up = F.embedding(x, self.A.T.to(output.dtype), padding_idx=self.padding_idx)
-        return output + F.linear(looked_up, (self.B * self.scale).to(output.dtype))
+        return self.add(output, F.linear(looked_up, (self.B * self.scale).to(output.dtype)))
 
     def delta_weight(self, target: nn.Module) -> torch.Tensor:
         return super().delta_weight(target).T
@@ -157,7 +164,7 @@ class LoRAConv2d(LoRA):
         """x ``(N, in, H, W)``, output ``(N, out, H', W')``."""
         x = self.dropout(x)
         hidden = F.conv2d(x, self.A.to(x.dtype), stride=self.stride, padding=self.padding, dilation=self.dilation)
-        return output + F.conv2d(hidden, (self.B * self.scale).to(x.dtype)).to(output.dtype)
+        return self.add(output, F.conv2d(hidden, (self.B * self.scale).to(x.dtype)).to(output.dtype))
 
     def delta_weight(self, target: nn.Module) -> torch.Tensor:
         return super().delta_weight(target).view_as(target.weight)

@@ -91,6 +91,8 @@ class ParallelAdapter(Delta):
 
     def pre_hook(self, target: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """BERT-style ``*Output``: add the branch to ``input_tensor`` (the feed-forward input)."""
+        if self.idle:
+            return args, kwargs
         if "input_tensor" in kwargs:
             residual = kwargs["input_tensor"]
             return args, {**kwargs, "input_tensor": residual + self.branch(residual)}

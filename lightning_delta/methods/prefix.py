@@ -181,6 +181,8 @@ class Prefix(Delta):
 
     def pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Injects a fresh prefix cache (first step), extends the mask and shifts positions past the prefix."""
+        if not self.active:
+            return args, kwargs
         kwargs = {**dict(zip(self._signature, args)), **kwargs}
         n = self.num_virtual_tokens
         cache = kwargs.get("past_key_values")

@@ -130,6 +130,8 @@ class SoftPrompt(Delta):
 
     def pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """The model's pre-hook (see :meth:`hook_into`)."""
+        if not self.active:
+            return args, kwargs
         kwargs = {**dict(zip(self._signature, args)), **kwargs}
         if self.encoder_decoder:
             encoded = kwargs.get("encoder_outputs")
@@ -156,6 +158,8 @@ class SoftPrompt(Delta):
 
     def encoder_pre_hook(self, encoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """The encoder's pre-hook (encoder-decoder models)."""
+        if not self.active:
+            return args, kwargs
         names = tuple(inspect.signature(encoder.forward).parameters)
         kwargs = {**dict(zip(names, args)), **kwargs}
         self._prepend(encoder, kwargs, encoder)

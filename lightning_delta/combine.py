@@ -1,0 +1,178 @@
+"""Combine several LoRA deltas on one backbone into a new LoRA delta.
+
+Each source ``i`` contributes its update ``dW_i = s_i * B_i @ A_i`` with weight ``w_i``:
+
+* ``cat``: ``A = [A_1; A_2; ...]``, ``B = [w_1 s_1 B_1, w_2 s_2 B_2, ...]`` -- exactly ``sum_i w_i dW_i``
+  at rank ``sum_i r_i``.
+* ``linear``: ``A = sum_i sqrt(|w_i| s_i) A_i``, ``B = sum_i sign(w_i) sqrt(|w_i| s_i) B_i`` (equal ranks):
+  a sum of the factors, not of the updates -- cheap, exact only for a single source; as PEFT's.
+* ``svd``: ``sum_i w_i dW_i``, truncated to ``rank`` by SVD.
+* ``ties`` (Yadav et al., 2023): keep the ``density`` fraction of largest-magnitude entries of each
+  ``dW_i``, elect each entry's sign from the sum of the kept entries, average the weighted entries that
+  agree with it, then truncate to ``rank`` by SVD.
+* ``dare`` (Yu et al., 2023): drop each entry of each ``dW_i`` with probability ``1 - density`` and
+  rescale the rest by ``1 / density``, sum with the weights, truncate to ``rank`` by SVD.
+
+The result has scale 1 (``alpha = r``) and the sources stay attached: detach them or
+``set_active`` the new delta.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from lightning_delta.core import AttachedDelta, attach_config, iter_deltas
+from lightning_delta.errors import DeltaConfigError
+
+COMBINATIONS = ("cat", "linear", "svd", "ties", "dare")
+
+
+def _flat(delta: nn.Module) -> torch.Tensor:
+    """``s * B @ A`` as a matrix ``(out, in * kernel)`` in fp32."""
+    return (delta.B.flatten(1).float() @ delta.A.flatten(1).float()) * delta.scale
+
+
+def _trim(update: torch.Tensor, density: float) -> torch.Tensor:
+    """``update`` with all but its ``density`` fraction of largest-magnitude entries zeroed."""
+    k = int(density * update.numel())
+    if k == 0:
+        return torch.zeros_like(update)
+    kept = torch.zeros(update.numel(), dtype=torch.bool)
+    kept[update.abs().flatten().topk(k).indices] = True
+    return update * kept.view_as(update)
+
+
+def _ties(updates: list[torch.Tensor], weights: Sequence[float], density: float) -> torch.Tensor:
+    trimmed = torch.stack([_trim(u, density) for u in updates])
+    sign = torch.where(trimmed.sum(0) >= 0, 1.0, -1.0)
+    agree = trimmed.sign() == sign
+    weighted = trimmed * torch.tensor(weights).view(-1, *[1] * updates[0].dim())
+    return (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def _dare(updates: list[torch.Tensor], weights: Sequence[float], density: float, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    out = torch.zeros_like(updates[0])
+    for update, weight in zip(updates, weights):
+        keep = torch.rand(update.shape, generator=generator) < density
+        out += weight * update * keep / density
+    return out
+
+
+def _factors(update: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``B (out, rank)``, ``A (rank, in)`` with ``B @ A`` the best rank-``rank`` approximation of ``update``."""
+    u, s, vh = torch.linalg.svd(update, full_matrices=False)
+    rank = min(rank, s.numel())
+    return u[:, :rank] * s[:rank], vh[:rank]
+
+
+def _check(model: nn.Module, names: Sequence[str], weights: Sequence[float], how: str, density: float,
+           name: str) -> dict[str, list[AttachedDelta]]:
+    if how not in COMBINATIONS:
+        raise DeltaConfigError(f"how={how!r} is not one of {list(COMBINATIONS)}")
+    if len(names) < 1 or len(weights) != len(names):
+        raise DeltaConfigError(f"give one weight per delta: {len(names)} names {list(names)}, {len(weights)} weights")
+    if not 0 < density <= 1:
+        raise DeltaConfigError(f"density={density!r} must be in (0, 1], e.g. density=0.5")
+    attached = {d.name for d in iter_deltas(model)}
+    if name in attached:
+        raise DeltaConfigError(f"a delta named {name!r} is already attached; pick another name for the combination")
+    by_name: dict[str, list[AttachedDelta]] = {}
+    for n in names:
+        found = list(iter_deltas(model, n))
+        if not found:
+            raise DeltaConfigError(f"no delta named {n!r}; attached: {sorted(attached)}")
+        if found[0].module.config.method != "lora":
+            raise DeltaConfigError(f"{n!r} is {found[0].module.config.method!r}: only LoRA deltas combine")
+        if any(d.module.merged for d in found):
+            raise DeltaConfigError(f"{n!r} is merged into the weights: unmerge it before combining")
+        by_name[n] = found
+    first = [d.target_path for d in by_name[names[0]]]
+    for n in names[1:]:
+        other = [d.target_path for d in by_name[n]]
+        if other != first:
+            diff = sorted(set(first).symmetric_difference(other))
+            raise DeltaConfigError(
+                f"{names[0]!r} and {n!r} change different modules (first difference: {diff[:3]}); only LoRAs on the"
+                " same targets combine")
+    ranks = {n: by_name[n][0].module.config.r for n in names}
+    if how == "linear" and len(set(ranks.values())) > 1:
+        raise DeltaConfigError(f"how='linear' needs equal ranks, got {ranks}; use how='cat' or 'svd'")
+    return by_name
+
+
+def combine_lora(
+    model: nn.Module,
+    names: Sequence[str],
+    weights: Sequence[float] | None = None,
+    *,
+    name: str,
+    how: str = "cat",
+    rank: int | None = None,
+    density: float = 0.5,
+    seed: int = 0,
+) -> str:
+    """Attaches a new LoRA delta ``name`` that combines LoRA deltas ``names`` of ``model`` (see the module doc).
+
+    Args:
+        names: the LoRA deltas to combine, all on the same targets.
+        weights: one weight per delta (default: 1 each).
+        how: ``"cat"``, ``"linear"``, ``"svd"``, ``"ties"`` or ``"dare"``.
+        rank: rank of the result for ``svd``/``ties``/``dare`` (default: the largest source rank).
+        density: fraction of entries kept by ``ties`` and ``dare``.
+        seed: seed of ``dare``'s random drops.
+
+    Returns:
+        ``name``.
+
+    Raises:
+        DeltaConfigError: bad arguments, non-LoRA or merged sources, or sources on different targets.
+    """
+    from lightning_delta.methods.lora import LoraConfig
+
+    weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
+    by_name = _check(model, names, weights, how, density, name)
+    sources = [by_name[n] for n in names]
+    ranks = [group[0].module.config.r for group in sources]
+    if how == "cat":
+        new_rank = sum(ranks)
+    elif how == "linear":
+        new_rank = ranks[0]
+    else:
+        new_rank = rank or max(ranks)
+    if not isinstance(new_rank, int) or new_rank <= 0:
+        raise DeltaConfigError(f"rank={rank!r} must be a positive integer")
+    first = sources[0][0].module
+    config = LoraConfig(r=new_rank, alpha=float(new_rank), targets=[d.target_path for d in sources[0]],
+                        name=name, delta_dtype=first.config.delta_dtype)
+    attach_config(model, config)
+    with torch.no_grad():
+        for position, target in enumerate(d.target_path for d in sources[0]):
+            parts = [group[position].module for group in sources]
+            new = model.get_submodule(f"{target}.{name}")
+            if how == "cat":
+                a = torch.cat([p.A.float() for p in parts], dim=0)
+                b = torch.cat([w * p.scale * p.B.float() for p, w in zip(parts, weights)], dim=1)
+            elif how == "linear":
+                roots = [math.sqrt(abs(w) * p.scale) for p, w in zip(parts, weights)]
+                a = sum(r * p.A.float() for p, r in zip(parts, roots))
+                b = sum(math.copysign(r, w) * p.B.float() for p, r, w in zip(parts, roots, weights))
+            else:
+                updates = [_flat(p) for p in parts]
+                if how == "svd":
+                    total = sum(w * u for u, w in zip(updates, weights))
+                elif how == "ties":
+                    total = _ties(updates, weights, density)
+                else:
+                    total = _dare(updates, weights, density, seed + zlib.crc32(target.encode()))
+                b, a = _factors(total, new_rank)
+                b = torch.nn.functional.pad(b, (0, new_rank - b.shape[1]))
+                a = torch.nn.functional.pad(a, (0, 0, 0, new_rank - a.shape[0]))
+            new.A.copy_(a.reshape(new.A.shape))
+            new.B.copy_(b.reshape(new.B.shape))
+    return name
