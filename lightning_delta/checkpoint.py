@@ -238,7 +238,8 @@ def load_delta(
     Args:
         model: the module to load into.
         checkpoint: a ``.ckpt`` file (read with ``weights_only=True``), a :func:`save_delta` folder,
-            or a loaded dict.
+            a PEFT adapter folder (see :func:`lightning_delta.export.import_peft`; ``module`` names the
+            transformers model inside ``model``), or a loaded dict.
         strict: whether a delta tensor missing from the checkpoint is an error.
         map_location: passed to ``torch.load``.
         specs: delta configs to attach, for files without a delta record (``save_weights_only=True``).
@@ -255,6 +256,10 @@ def load_delta(
     """
     if isinstance(checkpoint, Mapping):
         ckpt = checkpoint
+    elif Path(checkpoint).is_dir() and (Path(checkpoint) / "adapter_config.json").is_file():
+        from lightning_delta.export import import_peft
+
+        return import_peft(model.get_submodule(module) if module else model, checkpoint)
     elif Path(checkpoint).is_dir():
         ckpt = read_delta_dir(checkpoint)
     else:

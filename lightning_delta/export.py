@@ -1,22 +1,27 @@
-"""Export a delta to PEFT's adapter format: ``adapter_config.json`` + ``adapter_model.safetensors``,
-loadable with ``peft.PeftModel.from_pretrained(base_model, directory)`` and giving the same outputs.
+"""PEFT's adapter format both ways: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-Supported: ``lora`` (incl. rslora), ``dora``, ``ia3``, ``prompt`` and ``prefix`` (without the
-projection, or after ``fold()``). Methods PEFT has no equivalent for raise a clear error, and so
-do trainable backbone modules (``trainable=[...]``), which this first version does not export.
+:func:`export_peft` writes a delta that ``peft.PeftModel.from_pretrained(base_model, directory)``
+loads to the same outputs; :func:`import_peft` attaches a PEFT adapter folder as native deltas that
+give PEFT's outputs. Both handle ``lora`` (incl. rslora and PEFT's embedding and conv LoRA), ``dora``,
+``ia3``, ``prompt`` and ``prefix`` (export: without the projection, or after ``fold()``), and a
+sequence classifier's head (PEFT's ``modules_to_save``). Methods one side has no equivalent for
+raise a clear error.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_delta.core import iter_deltas
-from lightning_delta.errors import DeltaConfigError
+from lightning_delta.errors import CheckpointReadError, DeltaConfigError
 from lightning_delta.handle import DeltaModel
-from lightning_delta.state import TRAINABLE_ATTR
+from lightning_delta.methods.lora import LoRAEmbedding
+from lightning_delta.state import TRAINABLE_ATTR, canonical
 
 PEFT_METHODS = ("lora", "dora", "ia3", "prompt", "prefix")
 
@@ -66,7 +71,9 @@ def _tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
             scale = module.scale.detach()
             out[f"{prefix}.ia3_l"] = scale[None, :] if module.on_input else scale[:, None]
         else:
-            out[f"{prefix}.lora_A.weight"], out[f"{prefix}.lora_B.weight"] = module.A.detach(), module.B.detach()
+            a, b = ("lora_embedding_A", "lora_embedding_B") if isinstance(module, LoRAEmbedding) else \
+                ("lora_A.weight", "lora_B.weight")
+            out[f"{prefix}.{a}"], out[f"{prefix}.{b}"] = module.A.detach(), module.B.detach()
             if method == "dora":
                 out[f"{prefix}.lora_magnitude_vector"] = module.magnitude.detach()
     if _task_type(model) == "SEQ_CLS":  # PEFT keeps the classification head as a module to save
@@ -107,3 +114,128 @@ def export_peft(model: nn.Module, directory: str | Path, name: str | None = None
     _peft_config(model, name).save_pretrained(str(directory))
     save_file(_tensors(model, name), str(directory / "adapter_model.safetensors"))
     return directory
+
+
+PEFT_CONFIG, PEFT_TENSORS = "adapter_config.json", "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_PEFT_PARTS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "A", "lora_embedding_B": "B",
+               "lora_magnitude_vector": "magnitude", "ia3_l": "scale", "lora_magnitude_vector.weight": "magnitude"}
+
+
+def read_peft_dir(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The adapter config and tensors of a PEFT adapter folder (safetensors only: no pickle).
+
+    Raises:
+        CheckpointReadError: files missing or unreadable, or only a pickled ``adapter_model.bin``.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not (directory / PEFT_TENSORS).is_file() and (directory / "adapter_model.bin").is_file():
+        raise CheckpointReadError(
+            f"{str(directory)!r} holds a pickled adapter_model.bin, which lightning_delta does not unpickle; convert"
+            " it once where you trust it: PeftModel.from_pretrained(base, dir).save_pretrained(dir,"
+            " safe_serialization=True)")
+    try:
+        return json.loads((directory / PEFT_CONFIG).read_text()), load_file(str(directory / PEFT_TENSORS))
+    except (OSError, ValueError) as err:
+        raise CheckpointReadError(f"{str(directory)!r} is not a readable PEFT adapter folder"
+                                  f" ({PEFT_CONFIG} + {PEFT_TENSORS}): {err}") from err
+
+
+def _split(tensors: dict[str, torch.Tensor]):
+    """Adapter tensors by target path and part; the other tensors by backbone key; which of those PEFT wrapped."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    others: dict[str, torch.Tensor] = {}
+    wrapped: set[str] = set()
+    for key, tensor in tensors.items():
+        rest = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        for suffix, part in _PEFT_PARTS.items():
+            if rest.endswith("." + suffix):
+                parts.setdefault(rest[: -len(suffix) - 1], {})[part] = tensor
+                break
+        else:  # a head PEFT trained whole (modules_to_save), or an embedding it saved beside a LoRA
+            others[canonical(rest.replace("modules_to_save.", "").replace("original_module.", ""))] = tensor
+            if ".base_layer." in rest:
+                wrapped.add(canonical(rest))
+    return parts, others, wrapped
+
+
+def _import_config(peft_config: dict[str, Any], parts: dict[str, dict[str, torch.Tensor]], name: str | None):
+    from lightning_delta.methods import make_config
+
+    kind = peft_config.get("peft_type")
+    common = {"name": name} if name else {}
+    if kind == "LORA":
+        unsupported = {k: peft_config[k] for k in ("rank_pattern", "alpha_pattern") if peft_config.get(k)}
+        if peft_config.get("bias", "none") != "none":
+            unsupported["bias"] = peft_config["bias"]
+        if unsupported:
+            raise DeltaConfigError(
+                f"this PEFT LoRA uses {unsupported}, which lightning_delta's LoRA does not have (one rank and alpha"
+                " per delta, no bias training); attach it through PEFT instead: attach(model, peft_config=...)")
+        method = "dora" if peft_config.get("use_dora") else "lora"
+        return make_config(method, r=int(peft_config["r"]), alpha=float(peft_config["lora_alpha"]),
+                           dropout=float(peft_config.get("lora_dropout") or 0.0),
+                           rslora=bool(peft_config.get("use_rslora")), targets=sorted(parts), **common)
+    if kind == "IA3":
+        feedforward = sorted(path for path, t in parts.items() if t["scale"].shape[0] == 1 and t["scale"].dim() == 2)
+        return make_config("ia3", targets=sorted(parts), feedforward=feedforward, **common)
+    if kind in ("PROMPT_TUNING", "PREFIX_TUNING"):
+        if peft_config.get("num_transformer_submodules") not in (None, 1):
+            raise DeltaConfigError(
+                f"num_transformer_submodules={peft_config['num_transformer_submodules']}: lightning_delta's soft"
+                " prompts and prefixes are single (the encoder side for T5); attach through PEFT instead")
+        method = "prompt" if kind == "PROMPT_TUNING" else "prefix"
+        return make_config(method, num_virtual_tokens=int(peft_config["num_virtual_tokens"]), **common)
+    raise DeltaConfigError(
+        f"PEFT type {kind!r} has no native lightning_delta equivalent (importable: LORA, IA3, PROMPT_TUNING,"
+        " PREFIX_TUNING); attach it through the PEFT backend: attach(model, peft_config=peft.PeftConfig"
+        ".from_pretrained(dir)) and load its weights with peft.set_peft_model_state_dict")
+
+
+def import_peft(model: nn.Module, directory: str | Path, name: str | None = None) -> DeltaModel:
+    """Attaches the PEFT adapter in ``directory`` to ``model`` as native deltas, frozen backbone and all.
+
+    ``model`` is the base model the adapter was trained on (the transformers model, not a
+    ``PeftModel``). A sequence classifier's head saved by PEFT (``modules_to_save``) is loaded into
+    the backbone and made trainable. The outputs equal ``PeftModel.from_pretrained(model, directory)``'s.
+
+    Raises:
+        CheckpointReadError: the folder is not a readable PEFT adapter.
+        DeltaConfigError: a PEFT type or option without a native equivalent.
+        DeltaStateError: the adapter does not fit ``model``; the model is left as it was.
+    """
+    from lightning_delta.core import detach_delta
+    from lightning_delta.errors import DeltaStateError
+    from lightning_delta.state import load_into, state_tensors
+
+    peft_config, tensors = read_peft_dir(directory)
+    parts, others, wrapped = _split(tensors)
+    config = _import_config(peft_config, parts, name)
+    handle = DeltaModel(model)
+    before = set(handle.configs)
+    model_tensors = state_tensors(model)
+    unknown = [k for k in others if k not in model_tensors and k != "prompt_embeddings"]
+    if unknown:
+        raise DeltaStateError(f"the adapter does not fit {type(model).__name__}: no place for {unknown[:5]};"
+                              " load it into the base model it was trained on")
+    # modules PEFT trained whole (its modules_to_save) train here too; an embedding PEFT saved beside an
+    # embedding LoRA (its keys name the wrapped ``base_layer``) loads as it is and stays frozen
+    heads = sorted({k.rsplit(".", 1)[0] for k in others if k != "prompt_embeddings" and k not in wrapped})
+    handle.attach(config)
+    delta_name = next(n for n in handle.configs if n not in before)
+    try:
+        state = {k: v for k, v in others.items() if k != "prompt_embeddings"}
+        for d in handle.deltas(delta_name):
+            if d.module.config.method in ("prompt", "prefix"):
+                state[f"{d.path}.embedding"] = others["prompt_embeddings"]
+                continue
+            for part, tensor in parts[d.target_path].items():
+                mine = getattr(d.module, part)
+                state[f"{d.path}.{part}"] = tensor.reshape(mine.shape)
+        load_into(model, state, set(state), strict=True)
+    except Exception:
+        detach_delta(model, delta_name)
+        raise
+    return handle.freeze_backbone([*getattr(model, TRAINABLE_ATTR, ()), *heads])

@@ -6,7 +6,7 @@ import peft
 import pytest
 import torch
 
-from lightning_delta import DeltaConfigError, attach
+from lightning_delta import DeltaConfigError, attach, load_delta
 from lightning_delta.export import export_peft
 from models import FAMILIES, family_inputs, family_output, tiny_bert, tiny_gpt2
 
@@ -47,3 +47,87 @@ def test_trainable_backbone_modules_are_not_silently_dropped(tmp_path):
     attach(model, "lora").freeze_backbone(trainable="ln_f")
     with pytest.raises(DeltaConfigError, match="ln_f"):
         export_peft(model, tmp_path)
+
+
+# -- import: a PEFT adapter folder attached as native deltas -----------------------------------------
+IMPORTS = [
+    ("bert", lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")),
+    ("gpt2", lambda: peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, use_rslora=True)),
+    ("llama", lambda: peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj", "down_proj"])),
+    ("llama", lambda: peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], use_dora=True)),
+    ("bert", lambda: peft.IA3Config(target_modules=["key", "output.dense"], feedforward_modules=["output.dense"])),
+    ("gpt2", lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+    ("llama", lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+]
+
+
+@pytest.mark.parametrize(("family", "make"), IMPORTS, ids=["lora-bert-cls", "lora-gpt2-conv1d", "lora-llama-embed",
+                                                            "dora-llama", "ia3-bert", "prompt-gpt2", "prefix-llama"])
+def test_imported_peft_adapter_gives_peft_outputs(tmp_path, family, make):
+    from lightning_delta.export import import_peft
+
+    base = FAMILIES[family]().eval()
+    trained = peft.get_peft_model(copy.deepcopy(base), make())
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # move every trainable tensor (adapter and head) away from its init
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen))
+    trained.save_pretrained(str(tmp_path / "adapter"))
+    reference = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "adapter")).eval()
+
+    model = copy.deepcopy(base)
+    handle = import_peft(model, tmp_path / "adapter")
+    inputs = family_inputs(family)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    expected, plain = family_output(reference, inputs), family_output(base, inputs)
+    assert expected.shape != plain.shape or not torch.allclose(plain, expected, atol=1e-4)  # the adapter matters
+    torch.testing.assert_close(family_output(model, inputs), expected, rtol=1e-5, atol=1e-5)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters()
+                         if any(n.startswith(d.path + ".") for d in handle.deltas())
+                         or (make().task_type == "SEQ_CLS" and n.startswith("classifier."))}
+    # and back out: our export of the imported delta loads in PEFT to the same outputs
+    if not any(m in handle.configs for m in ("prefix",)) and family != "bert":
+        export_peft(model, tmp_path / "again")
+        again = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "again")).eval()
+        torch.testing.assert_close(family_output(again, inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_import_refuses_what_it_cannot_represent(tmp_path):
+    from lightning_delta import CheckpointReadError
+    from lightning_delta.export import import_peft
+
+    base = tiny_bert()
+    for folder, config in [("loha", peft.LoHaConfig(target_modules=["query"])),
+                           ("pattern", peft.LoraConfig(target_modules=["query", "value"], rank_pattern={"query": 2}))]:
+        peft.get_peft_model(copy.deepcopy(base), config).save_pretrained(str(tmp_path / folder))
+    model = copy.deepcopy(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(DeltaConfigError, match="'LOHA' has no native lightning_delta equivalent.*peft_config"):
+        import_peft(model, tmp_path / "loha")
+    with pytest.raises(DeltaConfigError, match="rank_pattern"):
+        import_peft(model, tmp_path / "pattern")
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "adapter_config.json").write_text("{}")
+    torch.save({}, tmp_path / "pickled" / "adapter_model.bin")
+    with pytest.raises(CheckpointReadError, match="pickled adapter_model.bin"):
+        import_peft(model, tmp_path / "pickled")
+    assert model.state_dict().keys() == before.keys() and all(torch.equal(before[k], v)
+                                                               for k, v in model.state_dict().items())
+
+
+def test_load_delta_reads_peft_folders_into_a_module_holding_the_backbone(tmp_path):
+    base = tiny_bert().eval()
+    trained = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["query"]))
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+    trained.save_pretrained(str(tmp_path))
+    holder = torch.nn.Module()
+    holder.model = copy.deepcopy(base)
+    handle = load_delta(holder, tmp_path, module="model")
+    assert handle.model is holder.model and list(handle.configs) == ["lora"]
+    inputs = family_inputs("bert")
+    torch.testing.assert_close(holder.model(**inputs).logits, trained.eval()(**inputs).logits, rtol=1e-5, atol=1e-5)
