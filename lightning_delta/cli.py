@@ -43,7 +43,18 @@ class DeltaCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lightning-delta`` console script."""
+    """Entry point of the ``lightning-delta`` console script: LightningCLI's subcommands, and
+    ``export``, ``merge`` and ``inspect`` (:mod:`lightning_delta.commands`)."""
+    import sys
+
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in ("export", "merge", "inspect"):
+        from lightning_delta.commands import run
+
+        code = run(argv)
+        if code:
+            raise SystemExit(code)
+        return
     DeltaCLI(args=args)
 
 

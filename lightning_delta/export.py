@@ -21,7 +21,7 @@ from lightning_delta.core import iter_deltas
 from lightning_delta.errors import CheckpointReadError, DeltaConfigError
 from lightning_delta.handle import DeltaModel
 from lightning_delta.methods.lora import LoRAEmbedding
-from lightning_delta.state import TRAINABLE_ATTR, canonical
+from lightning_delta.state import TRAINABLE_ATTR, canonical, trainable_module_names
 
 PEFT_METHODS = ("lora", "dora", "ia3", "prompt", "prefix")
 
@@ -37,27 +37,35 @@ def _task_type(model: nn.Module) -> str | None:
     return None
 
 
+def _saved_modules(model: nn.Module) -> list[str]:
+    """Modules trained whole, written as PEFT's ``modules_to_save``: ``trainable=`` ones and a classifier head."""
+    paths = trainable_module_names(model, getattr(model, TRAINABLE_ATTR, ()))
+    if _task_type(model) == "SEQ_CLS":  # PEFT always keeps the classification head as a module to save
+        paths += [h for h in ("classifier", "score") if isinstance(getattr(model, h, None), nn.Module)]
+    return list(dict.fromkeys(paths))
+
+
 def _peft_config(model: nn.Module, name: str):
     import peft
 
     deltas = list(iter_deltas(model, name))
     config = deltas[0].module.config
     targets = [d.target_path for d in deltas]
-    task = _task_type(model)
+    common = {"task_type": _task_type(model), "modules_to_save": _saved_modules(model) or None}
     if config.method in ("lora", "dora"):
         fan_in_fan_out = any(getattr(d.module, "transposed", False) for d in deltas)
         return peft.LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                                use_rslora=config.rslora, use_dora=config.method == "dora", target_modules=targets,
-                               fan_in_fan_out=fan_in_fan_out, task_type=task)
+                               fan_in_fan_out=fan_in_fan_out, **common)
     if config.method == "ia3":
-        return peft.IA3Config(target_modules=targets, task_type=task,
-                              feedforward_modules=[d.target_path for d in deltas if d.module.on_input])
-    extra = {"num_transformer_submodules": 1} if task == "SEQ_2_SEQ_LM" else {}
+        return peft.IA3Config(target_modules=targets,
+                              feedforward_modules=[d.target_path for d in deltas if d.module.on_input], **common)
+    extra = {"num_transformer_submodules": 1} if common["task_type"] == "SEQ_2_SEQ_LM" else {}
     if config.method == "prompt":
-        return peft.PromptTuningConfig(task_type=task, num_virtual_tokens=config.num_virtual_tokens, **extra)
+        return peft.PromptTuningConfig(num_virtual_tokens=config.num_virtual_tokens, **common, **extra)
     if config.projection:
         raise DeltaConfigError("export the prefix after model.prefix.fold(): PEFT's format holds plain prefixes")
-    return peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=config.num_virtual_tokens)
+    return peft.PrefixTuningConfig(num_virtual_tokens=config.num_virtual_tokens, **common)
 
 
 def _tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -76,20 +84,20 @@ def _tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
             out[f"{prefix}.{a}"], out[f"{prefix}.{b}"] = module.A.detach(), module.B.detach()
             if method == "dora":
                 out[f"{prefix}.lora_magnitude_vector"] = module.magnitude.detach()
-    if _task_type(model) == "SEQ_CLS":  # PEFT keeps the classification head as a module to save
-        for head in ("classifier", "score"):
-            if isinstance(getattr(model, head, None), nn.Module):
-                out.update({f"base_model.model.{head}.{k}": v.detach()
-                            for k, v in getattr(model, head).state_dict().items()})
+    for path in _saved_modules(model):
+        state = model.get_submodule(path).state_dict()
+        out.update({f"base_model.model.{path}.{k}": v.detach() for k, v in state.items()})
     return {k: v.contiguous().cpu() for k, v in out.items()}
 
 
 def export_peft(model: nn.Module, directory: str | Path, name: str | None = None) -> Path:
     """Writes delta ``name`` (default: the only one attached) of ``model`` in PEFT's adapter format.
 
+    Modules trained whole (``trainable=[...]``, a sequence classifier's head) are written as PEFT's
+    ``modules_to_save``.
+
     Raises:
-        DeltaConfigError: no such delta, a method PEFT has no equivalent for, or trainable
-            backbone modules that this export would leave out.
+        DeltaConfigError: no such delta, or a method PEFT has no equivalent for.
     """
     from safetensors.torch import save_file
 
@@ -104,11 +112,6 @@ def export_peft(model: nn.Module, directory: str | Path, name: str | None = None
     method = handle.configs[name].method
     if method not in PEFT_METHODS:
         raise DeltaConfigError(f"PEFT has no equivalent of {method!r}; exportable methods: {list(PEFT_METHODS)}")
-    trainable = getattr(model, TRAINABLE_ATTR, ())
-    if trainable:
-        raise DeltaConfigError(
-            f"modules trained whole (trainable={list(trainable)}) are not exported to PEFT's format yet;"
-            " save them separately, or export a model without them")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _peft_config(model, name).save_pretrained(str(directory))

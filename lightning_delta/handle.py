@@ -303,6 +303,24 @@ class DeltaModel:
             d.module.unmerge(self.model.get_submodule(d.target_path))
         return self
 
+    def merge_and_unload(self) -> nn.Module:
+        """Folds every delta into the backbone weights and removes the delta modules: a plain model again.
+
+        The result holds no lightning_delta module or hook (``save_pretrained`` writes a stock model).
+
+        Raises:
+            MergeError: a delta cannot merge (nothing is changed then).
+        """
+        selected = self.deltas()
+        check_merge(self.model, selected)
+        for d in selected:
+            target = self.model.get_submodule(d.target_path)
+            d.module.merge(target)
+            d.module.unhook_from(target)
+            delattr(target, d.name)
+        self.model.__dict__.pop(TRAINABLE_ATTR, None)
+        return self.model
+
     # -- reporting --------------------------------------------------------------------------
     def summary(self) -> DeltaSummary:
         """Total, trainable and delta parameter counts."""

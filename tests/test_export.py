@@ -6,7 +6,7 @@ import peft
 import pytest
 import torch
 
-from lightning_delta import DeltaConfigError, attach, load_delta
+from lightning_delta import DeltaConfigError, DeltaModel, attach, load_delta
 from lightning_delta.export import export_peft
 from models import FAMILIES, family_inputs, family_output, tiny_bert, tiny_gpt2
 
@@ -42,11 +42,18 @@ def test_methods_without_a_peft_equivalent_are_refused(tmp_path):
         export_peft(model, tmp_path)
 
 
-def test_trainable_backbone_modules_are_not_silently_dropped(tmp_path):
-    model = tiny_gpt2()
+def test_trainable_backbone_modules_are_exported_as_modules_to_save(tmp_path):
+    base = tiny_gpt2().eval()
+    model = copy.deepcopy(base)
     attach(model, "lora").freeze_backbone(trainable="ln_f")
-    with pytest.raises(DeltaConfigError, match="ln_f"):
-        export_peft(model, tmp_path)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.mul_(1.5)
+        for d in DeltaModel(model).deltas():
+            d.module.B.add_(0.2)
+    export_peft(model, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    inputs = family_inputs("gpt2")
+    torch.testing.assert_close(family_output(loaded, inputs), family_output(model, inputs), rtol=1e-5, atol=1e-5)
 
 
 # -- import: a PEFT adapter folder attached as native deltas -----------------------------------------
