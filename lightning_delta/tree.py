@@ -74,7 +74,7 @@ def model_tree(model: nn.Module) -> Node:
 def _label(node: Node, rich: bool) -> str:
     name = node.name or node.type
     kind = f" ({node.repeat} x {node.type})" if node.repeat > 1 else (f" ({node.type})" if node.name else "")
-    counts = f"{node.parameters:,}"
+    counts = f"{node.parameters:,} params"
     if node.trainable:
         counts += f", trainable {node.trainable:,}"
     if node.delta:

@@ -138,3 +138,54 @@ def test_load_delta_reads_peft_folders_into_a_module_holding_the_backbone(tmp_pa
     assert handle.model is holder.model and list(handle.configs) == ["lora"]
     inputs = family_inputs("bert")
     torch.testing.assert_close(holder.model(**inputs).logits, trained.eval()(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+class LocalHub:
+    """Stands in for huggingface_hub.HfApi offline: uploads land in a local directory."""
+
+    def __init__(self, root):
+        self.root, self.created = root, []
+
+    def create_repo(self, repo_id, private=False, exist_ok=False, repo_type=None):
+        self.created.append((repo_id, private, exist_ok))
+
+    def upload_folder(self, repo_id, folder_path, commit_message, repo_type=None):
+        import shutil
+
+        shutil.copytree(folder_path, self.root / repo_id, dirs_exist_ok=True)
+        return f"local://{repo_id}"
+
+
+def test_push_to_hub_uploads_a_loadable_adapter_with_a_model_card(tmp_path):
+    from lightning_delta.hub import push_to_hub
+
+    base = tiny_bert().eval()
+    model = copy.deepcopy(base)
+    handle = attach(model, "lora", r=4).freeze_backbone(trainable="classifier")
+    with torch.no_grad():
+        for d in handle.deltas():
+            d.module.B.add_(0.3)
+    hub = LocalHub(tmp_path)
+    url = push_to_hub(model, "me/tiny-lora", metrics={"val_acc": 0.875}, private=True, api=hub)
+    assert url == "local://me/tiny-lora" and hub.created == [("me/tiny-lora", True, True)]
+    folder = tmp_path / "me" / "tiny-lora"
+    card = (folder / "README.md").read_text()
+    summary = handle.summary()
+    for expected in ("library_name: peft", "- lora", "# me/tiny-lora", "`query`, `value`", "r=4",
+                     f"{summary.trainable:,} of {summary.total:,}", "| val_acc | 0.8750 |",
+                     "PeftModel.from_pretrained(base_model, 'me/tiny-lora')"):
+        assert expected in card, expected
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()
+    inputs = family_inputs("bert")
+    torch.testing.assert_close(family_output(loaded, inputs), family_output(model, inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_push_to_hub_refuses_before_uploading(tmp_path):
+    from lightning_delta.hub import push_to_hub
+
+    model = tiny_bert()
+    attach(model, "adapter")
+    hub = LocalHub(tmp_path)
+    with pytest.raises(DeltaConfigError, match="PEFT has no equivalent of 'adapter'"):
+        push_to_hub(model, "me/x", api=hub)
+    assert hub.created == [] and not (tmp_path / "me").exists()
