@@ -24,6 +24,7 @@ from lightning_delta.errors import (  # noqa: E402
     TargetError,
     UnsupportedModuleError,
 )
+from lightning_delta.export import export_peft, import_peft  # noqa: E402
 from lightning_delta.handle import DeltaModel, DeltaSummary, attach, trainable_parameters  # noqa: E402
 from lightning_delta.methods import METHODS, make_config  # noqa: E402
 from lightning_delta.methods.adapter import AdapterConfig  # noqa: E402
@@ -83,7 +84,9 @@ __all__ = [
     "UnsupportedModuleError",
     "attach",
     "attach_from_checkpoint",
+    "export_peft",
     "find_backbone",
+    "import_peft",
     "load_delta",
     "make_config",
     "param_groups",
