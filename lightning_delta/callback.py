@@ -81,6 +81,9 @@ class DeltaCallback(Callback):
             activations (non-reentrant; see :mod:`lightning_delta.checkpointing`).
         every_n_layers: with ``gradient_checkpointing``, checkpoint every n-th block only.
         peft_config: instead of ``method``, any ``peft.PeftConfig`` (the PEFT backend; needs ``peft``).
+        active: names of the deltas that apply and train (default: all). Others attached to the
+            backbone (e.g. earlier tasks loaded with ``load_delta``) stay frozen and unused, see
+            :meth:`DeltaModel.set_active`.
         **hparams: the method's hyper-parameters, e.g. ``r=8, alpha=16, dropout=0.05``.
 
     Raises:
@@ -98,6 +101,7 @@ class DeltaCallback(Callback):
         gradient_checkpointing: bool = False,
         every_n_layers: int = 1,
         peft_config: Any = None,
+        active: str | list[str] | None = None,
         **hparams: Any,
     ) -> None:
         if peft_config is not None and method == "lora":
@@ -108,6 +112,7 @@ class DeltaCallback(Callback):
         if every_n_layers < 1:
             raise DeltaConfigError(f"every_n_layers={every_n_layers} must be at least 1")
         self._checkpointing = every_n_layers if gradient_checkpointing else 0
+        self._active = None if active is None else list(normalize_patterns(active))
 
     @property
     def configs(self) -> list[DeltaConfig]:
@@ -136,6 +141,8 @@ class DeltaCallback(Callback):
         # path, so every rank draws the same ones without a broadcast.
         ensure_attached(backbone, self._configs, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
         handle = DeltaModel(backbone).freeze_backbone(self._trainable)
+        if self._active is not None:
+            handle.set_active(self._active)
         if self._checkpointing:
             enable_checkpointing(backbone, every_n_layers=self._checkpointing)
         DeltaCheckpointHooks.install(pl_module, path)

@@ -313,3 +313,21 @@ def test_ddp_spawn_pickles_the_module_and_writes_delta_checkpoints(source, tmp_p
     load_delta(fresh, path)
     assert set(ckpt["state_dict"]) == delta_keys(fresh)
     assert all(v.abs().sum() > 0 for k, v in ckpt["state_dict"].items() if k.endswith("lora.B"))
+
+
+def test_active_trains_one_task_while_a_loaded_one_waits(source, tmp_path):
+    model = Classifier(source)
+    handle = DeltaModel(model.model).attach(LoraConfig(r=2, name="task_a"))
+    with torch.no_grad():
+        for p in handle.delta_parameters():
+            p.add_(0.1)
+    task_a = {k: v.clone() for k, v in handle.delta_state_dict().items() if ".task_a." in k}
+    assert task_a
+    callback = DeltaCallback(LoraConfig(r=2, name="task_b"), trainable=["classifier"], active="task_b")
+    trainer(tmp_path, [callback], max_epochs=2).fit(model, loader())
+    after = handle.delta_state_dict()
+    assert handle.active == ["task_b"]
+    assert all(torch.equal(after[k], v) for k, v in task_a.items())  # the waiting task is untouched
+    assert any(".task_b.B" in k and after[k].abs().sum() > 0 for k in after)  # task_b trained (B left zero)
+    with pytest.raises(DeltaConfigError, match="no delta named \\['task_c'\\]"):
+        DeltaCallback(LoraConfig(name="task_b"), active="task_c").attach(Classifier(source))
