@@ -1,6 +1,10 @@
 """Instruction / chat SFT data: loss only on responses, packing without cross-example attention, errors."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -212,3 +216,28 @@ def test_lora_sft_fit_lowers_the_loss(llama, tmp_path, packing):
     print(f"packing={packing}: train loss {first:.3f} -> {last:.3f} over {len(log.losses)} steps")
     assert last < 0.5 * first
     assert "val_ppl" in t.callback_metrics
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_sft_config_runs_through_the_command_and_lowers_the_validation_loss(tmp_path):
+    from lightning_delta.checkpoint import META_KEY
+    from lightning_delta.cli import DeltaCLI
+
+    model_dir = tmp_path / "tiny-llama"
+    done = subprocess.run([sys.executable, str(ROOT / "examples/make_tiny_llama.py"), "--out", str(model_dir)],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data_file = str(ROOT / "examples/data/sft-tiny.jsonl")
+    args = ["--config", str(ROOT / "configs/sft-tiny-llama-lora.yaml"), f"--model.init_args.model={model_dir}",
+            f"--data.init_args.data_files={json.dumps({'train': data_file, 'validation': data_file})}",
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
+    before = DeltaCLI(args=["validate", *args]).trainer.callback_metrics["val_loss"].item()
+    after = DeltaCLI(args=["fit", *args, "--trainer.max_epochs=10"]).trainer.callback_metrics["val_loss"].item()
+    print(f"sft config: val_loss {before:.3f} -> {after:.3f}")
+    assert after < 0.6 * before
+    (checkpoint,) = tmp_path.glob("lightning_logs/version_*/checkpoints/*.ckpt")
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["state_dict"] and all(".lora." in k for k in saved["state_dict"])
+    assert saved[META_KEY]["specs"][0]["method"] == "lora"
