@@ -159,7 +159,7 @@ class NewTokenEmbedding(NewTokens):
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """x ``(...)`` token ids, output ``(..., hidden)``."""
-        ids = self.token_ids
+        ids, x = self.token_ids, x.to(self.token_ids.dtype)
         slot = torch.searchsorted(ids, x).clamp(max=len(ids) - 1)
         hit = ids[slot] == x
         rows = F.embedding(slot, self.rows().to(output.dtype))
