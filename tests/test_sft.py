@@ -196,6 +196,20 @@ def test_packing_needs_an_attention_that_separates_examples(llama, tmp_path):
         data.setup("fit")
 
 
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_packing_refuses_deltas_that_put_tokens_in_front(llama, tmp_path, method):
+    from transformers import AutoModelForCausalLM
+
+    from lightning_delta import attach
+
+    data = data_module(tmp_path, PAIRS, llama, packing=True)
+    backbone = AutoModelForCausalLM.from_pretrained(llama)
+    attach(backbone, method, num_virtual_tokens=2)
+    data.trainer = SimpleNamespace(lightning_module=torch.nn.ModuleDict({"model": backbone}))
+    with pytest.raises(ValueError, match=f"packing=True does not combine with \\['{method}'\\] deltas"):
+        data.train_dataloader()
+
+
 class LossLog(__import__("lightning.pytorch", fromlist=["Callback"]).Callback):
     def __init__(self):
         self.losses = []

@@ -165,6 +165,27 @@ class InstructionData(_TokenizedData):
                     )
                 return
 
+    def _check_deltas(self) -> None:
+        """Prompt and prefix deltas put virtual tokens in front of each row: packed examples would mix."""
+        model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        if model is None:
+            return
+        from lightning_delta.core import iter_deltas
+
+        rewriting = sorted({d.module.config.method for d in iter_deltas(model)} & {"prompt", "prefix"})
+        if rewriting:
+            raise ValueError(
+                f"packing=True does not combine with {rewriting} deltas: they put virtual tokens in front of each"
+                " row and drop its position_ids (prompt) or add a cache (prefix), so transformers would no longer"
+                " keep packed examples apart. Use packing=False with them"
+            )
+
+    @override
+    def _loader(self, split: str, shuffle: bool = False) -> Any:
+        if self.packing:
+            self._check_deltas()  # deltas are attached after setup, before the loaders are asked for
+        return super()._loader(split, shuffle)
+
     def _tokenizer(self) -> Any:
         tokenizer = self.load_tokenizer()
         if self.chat_template is not None:
