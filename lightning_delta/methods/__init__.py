@@ -16,6 +16,7 @@ from lightning_delta.methods.ia3 import IA3Config
 from lightning_delta.methods.layernorm import LayerNormConfig
 from lightning_delta.methods.lora import LoraConfig
 from lightning_delta.methods.low_rank_adapter import LowRankAdapterConfig
+from lightning_delta.methods.new_tokens import NewTokensConfig
 from lightning_delta.methods.parallel_adapter import ParallelAdapterConfig
 from lightning_delta.methods.peft_backend import PeftDeltaConfig
 from lightning_delta.methods.prefix import PrefixConfig
@@ -25,7 +26,7 @@ METHODS: dict[str, type[DeltaConfig]] = {
     config.method: config
     for config in (LoraConfig, DoraConfig, IA3Config, BitFitConfig, LayerNormConfig, AdapterConfig,
                    ParallelAdapterConfig, LowRankAdapterConfig, CompacterConfig, PromptConfig,
-                   PrefixConfig, PeftDeltaConfig)
+                   PrefixConfig, NewTokensConfig, PeftDeltaConfig)
 }
 
 

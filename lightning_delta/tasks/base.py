@@ -11,7 +11,7 @@ from typing_extensions import override
 from lightning_delta.checkpoint import META_KEY, attach_from_checkpoint
 from lightning_delta.checkpointing import enable_checkpointing
 from lightning_delta.distributed import is_sharded, shard
-from lightning_delta.handle import trainable_parameters
+from lightning_delta.optim import param_groups
 from lightning_delta.tasks.sources import resolve_source
 
 
@@ -31,16 +31,30 @@ class DeltaTask(pl.LightningModule):
         warmup_ratio: fraction of the training steps spent warming up, in ``[0, 1)``.
         gradient_checkpointing: recompute the backbone's blocks in backward
             (:func:`~lightning_delta.checkpointing.enable_checkpointing`), set up in ``configure_model``.
+        lr_by_method: peak learning rates per delta method, e.g. ``{"prompt": 3e-2}``; other
+            parameters use ``learning_rate`` (see :func:`~lightning_delta.optim.param_groups`).
+        loraplus_lr_ratio: LoRA+: ``B`` of LoRA/DoRA learns this many times faster than ``A``.
+
+    The optimizer's parameter groups come from :func:`~lightning_delta.optim.param_groups`: no
+    weight decay on biases, norms, scales and prompt/prefix embeddings, per-method rates and LoRA+.
     """
 
     def __init__(self, model: str, learning_rate: float, weight_decay: float, warmup_ratio: float,
-                 gradient_checkpointing: bool = False) -> None:
+                 gradient_checkpointing: bool = False, lr_by_method: dict[str, float] | None = None,
+                 loraplus_lr_ratio: float | None = None) -> None:
         super().__init__()
         self.gradient_checkpointing = gradient_checkpointing
         if learning_rate <= 0:
             raise ValueError(f"learning_rate={learning_rate} must be positive, e.g. 1e-3")
         if not 0 <= warmup_ratio < 1:
             raise ValueError(f"warmup_ratio={warmup_ratio} must be in [0, 1), e.g. 0.1")
+        for method, rate in (lr_by_method or {}).items():
+            if not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0:
+                raise ValueError(f"lr_by_method[{method!r}]={rate!r} must be a positive number, e.g. 3e-2")
+        if loraplus_lr_ratio is not None and loraplus_lr_ratio <= 0:
+            raise ValueError(f"loraplus_lr_ratio={loraplus_lr_ratio} must be positive, e.g. 16")
+        self.lr_by_method = dict(lr_by_method) if lr_by_method else None
+        self.loraplus_lr_ratio = loraplus_lr_ratio
         self.source = resolve_source(model)
 
     @override
@@ -71,7 +85,12 @@ class DeltaTask(pl.LightningModule):
     @override
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        optimizer = torch.optim.AdamW(trainable_parameters(self), lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        groups = param_groups(self, lr=hp.learning_rate, weight_decay=hp.weight_decay,
+                              lr_by_method=self.lr_by_method, loraplus_lr_ratio=self.loraplus_lr_ratio)
+        if not groups:
+            raise ValueError(f"{type(self).__name__} has no trainable parameters: attach a delta first"
+                             " (DeltaCallback, or the lightning-delta command's delta: section)")
+        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, weight_decay=hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmupDecay(total, int(total * hp.warmup_ratio)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -19,6 +19,8 @@ class SequenceClassification(DeltaTask):
         weight_decay: AdamW weight decay.
         warmup_ratio: fraction of steps with linear warm-up.
         gradient_checkpointing: recompute the backbone's blocks in backward.
+        lr_by_method: learning rates per delta method, e.g. ``{"prompt": 3e-2}``.
+        loraplus_lr_ratio: LoRA+: ``B`` of LoRA/DoRA learns this many times faster.
     """
 
     def __init__(
@@ -29,8 +31,11 @@ class SequenceClassification(DeltaTask):
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.1,
         gradient_checkpointing: bool = False,
+        lr_by_method: dict[str, float] | None = None,
+        loraplus_lr_ratio: float | None = None,
     ) -> None:
-        super().__init__(model, learning_rate, weight_decay, warmup_ratio, gradient_checkpointing)
+        super().__init__(model, learning_rate, weight_decay, warmup_ratio, gradient_checkpointing, lr_by_method,
+                         loraplus_lr_ratio)
         if num_labels < 2:
             raise ValueError(f"num_labels={num_labels} must be at least 2")
         self.save_hyperparameters()

@@ -18,8 +18,10 @@ class _LanguageModeling(DeltaTask):
     shift_labels = False  #: whether logits at position t predict the label at t + 1 (causal models)
 
     def __init__(self, model: str, learning_rate: float, weight_decay: float, warmup_ratio: float,
-                 gradient_checkpointing: bool) -> None:
-        super().__init__(model, learning_rate, weight_decay, warmup_ratio, gradient_checkpointing)
+                 gradient_checkpointing: bool, lr_by_method: dict[str, float] | None,
+                 loraplus_lr_ratio: float | None) -> None:
+        super().__init__(model, learning_rate, weight_decay, warmup_ratio, gradient_checkpointing, lr_by_method,
+                         loraplus_lr_ratio)
         self.perplexity = torch.nn.ModuleDict({s: Perplexity(ignore_index=IGNORE_INDEX) for s in ("val", "test")})
 
     def evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
@@ -43,13 +45,17 @@ class CausalLanguageModeling(_LanguageModeling):
         weight_decay: AdamW weight decay.
         warmup_ratio: fraction of steps with linear warm-up.
         gradient_checkpointing: recompute the backbone's blocks in backward.
+        lr_by_method: learning rates per delta method, e.g. ``{"prompt": 3e-2}``.
+        loraplus_lr_ratio: LoRA+: ``B`` of LoRA/DoRA learns this many times faster.
     """
 
     shift_labels = True
 
     def __init__(self, model: str, learning_rate: float = 1e-3, weight_decay: float = 0.0,
-                 warmup_ratio: float = 0.1, gradient_checkpointing: bool = False) -> None:
-        super().__init__(model, learning_rate, weight_decay, warmup_ratio, gradient_checkpointing)
+                 warmup_ratio: float = 0.1, gradient_checkpointing: bool = False,
+                 lr_by_method: dict[str, float] | None = None, loraplus_lr_ratio: float | None = None) -> None:
+        super().__init__(model, learning_rate, weight_decay, warmup_ratio, gradient_checkpointing, lr_by_method,
+                         loraplus_lr_ratio)
         self.save_hyperparameters()
         self.model = self.load_backbone("AutoModelForCausalLM")
 
@@ -66,12 +72,16 @@ class Seq2SeqLanguageModeling(_LanguageModeling):
             the share of examples whose generated tokens equal the target tokens.
         max_new_tokens: generation length limit for that metric.
         gradient_checkpointing: recompute the backbone's blocks in backward.
+        lr_by_method: learning rates per delta method, e.g. ``{"prompt": 3e-2}``.
+        loraplus_lr_ratio: LoRA+: ``B`` of LoRA/DoRA learns this many times faster.
     """
 
     def __init__(self, model: str, learning_rate: float = 1e-3, weight_decay: float = 0.0,
                  warmup_ratio: float = 0.1, generation_metric: bool = False, max_new_tokens: int = 32,
-                 gradient_checkpointing: bool = False) -> None:
-        super().__init__(model, learning_rate, weight_decay, warmup_ratio, gradient_checkpointing)
+                 gradient_checkpointing: bool = False, lr_by_method: dict[str, float] | None = None,
+                 loraplus_lr_ratio: float | None = None) -> None:
+        super().__init__(model, learning_rate, weight_decay, warmup_ratio, gradient_checkpointing, lr_by_method,
+                         loraplus_lr_ratio)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
         self.save_hyperparameters()
