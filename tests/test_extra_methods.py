@@ -23,7 +23,7 @@ from lightning_delta import (
 )
 from lightning_delta.export import export_peft
 from lightning_delta.methods.lokr import factorization
-from lightning_helpers import trainer
+from lightning_helpers import Classifier, ReloadableClassifier, loader, save_pretrained_bert, trainer
 from models import FAMILIES, family_inputs, family_output, tiny_bert, tiny_gpt2, tiny_llama
 from test_families import LanguageModel
 
@@ -189,6 +189,7 @@ def peft_state(handle, method):
 
 
 PARITY = [("vera", "bert", {}), ("vera", "llama", {}), ("vera", "gpt2", {}),
+          ("vera", "llama", {"targets": ["q_proj", "up_proj", "down_proj"]}),  # widths 32 and 64 share A, B
           ("loha", "bert", {}), ("loha", "llama", {}),
           ("lokr", "bert", {}), ("lokr", "llama", {}), ("lokr", "bert", {"r": 8}),
           ("lokr", "llama", {"r": 1, "decompose_both": True}),
@@ -196,13 +197,15 @@ PARITY = [("vera", "bert", {}), ("vera", "llama", {}), ("vera", "gpt2", {}),
           ("oft", "bert", {"cayley_neumann": False})]
 
 
-@pytest.mark.parametrize(("method", "family", "extra"), PARITY,
-                         ids=[f"{m}-{f}-{'-'.join(map(str, e.values())) or 'default'}" for m, f, e in PARITY])
+PARITY_IDS = [f"{m}-{f}-{'-'.join(map(str, e.values())) or 'default'}".replace(" ", "") for m, f, e in PARITY]
+
+
+@pytest.mark.parametrize(("method", "family", "extra"), PARITY, ids=PARITY_IDS)
 def test_equals_peft_with_the_same_tensors(method, family, extra):
     hparams = {**SMALL[method], **extra}
+    targets = hparams.pop("targets", TARGETS[family])
     base = FAMILIES[family]().eval()
     model = copy.deepcopy(base)
-    targets = TARGETS[family]
     handle = randomize(attach(model, method, targets=targets, **hparams), scale=0.1 if method == "oft" else 0.2)
     inputs = family_inputs(family)
     ours = family_output(model, inputs)
@@ -270,6 +273,28 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, method):
     save_delta(base, tmp_path / "delta")
     load_delta(twin_files, tmp_path / "delta")
     torch.testing.assert_close(family_output(twin_files.eval(), family_inputs("gpt2")), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_lightning_checkpoint_reloads_the_trained_outputs(tmp_path, method):
+    source = save_pretrained_bert(tmp_path / "bert")
+    module = Classifier(source)
+    torch.manual_seed(0)
+    run = trainer(tmp_path, [DeltaCallback(method, trainable=["classifier"], **SMALL[method])], max_steps=3)
+    run.fit(module, loader())
+    run.save_checkpoint(tmp_path / "delta.ckpt")
+    keys = torch.load(tmp_path / "delta.ckpt", weights_only=True)["state_dict"]
+    if method == "vera":  # the shared projections once, under the first target's delta
+        assert sorted(k for k in keys if k.endswith((".vera.A", ".vera.B"))) == [
+            "model.bert.encoder.layer.0.attention.self.query.vera.A",
+            "model.bert.encoder.layer.0.attention.self.query.vera.B"]
+    ids = loader().dataset.tensors[0]
+    torch.manual_seed(1)  # another seed: nothing may come from a fresh draw
+    reloaded = ReloadableClassifier.load_from_checkpoint(tmp_path / "delta.ckpt").eval()
+    torch.testing.assert_close(reloaded(ids), module.eval()(ids), rtol=0, atol=0)
+    fresh = Classifier(source).eval()
+    load_delta(fresh, tmp_path / "delta.ckpt")
+    torch.testing.assert_close(fresh(ids), module(ids), rtol=0, atol=0)
 
 
 def test_vera_state_holds_the_projections_once_or_not_at_all():
