@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_delta.core import Delta, DeltaConfig, kaiming_
-from lightning_delta.methods.vera import in_out
-from lightning_delta.targets import is_linear_like
+from lightning_delta.targets import is_linear_like, linear_in_out
 
 
 @dataclass
@@ -59,7 +58,7 @@ class LoHa(Delta):
 
     def __init__(self, config: LohaConfig, target: nn.Module) -> None:
         super().__init__(config, target)
-        in_features, out_features = in_out(target)
+        in_features, out_features = linear_in_out(target)
         self.transposed = not isinstance(target, nn.Linear)  # Conv1D stores its weight as (in, out)
         self.w1_a = nn.Parameter(torch.empty(out_features, config.r, **self.factory))
         self.w1_b = nn.Parameter(torch.empty(config.r, in_features, **self.factory))

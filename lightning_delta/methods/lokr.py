@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_delta.core import Delta, DeltaConfig, kaiming_
-from lightning_delta.methods.vera import in_out
-from lightning_delta.targets import is_linear_like
+from lightning_delta.targets import is_linear_like, linear_in_out
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -92,7 +91,7 @@ class LoKr(Delta):
 
     def __init__(self, config: LokrConfig, target: nn.Module) -> None:
         super().__init__(config, target)
-        in_features, out_features = in_out(target)
+        in_features, out_features = linear_in_out(target)
         self.transposed = not isinstance(target, nn.Linear)  # Conv1D stores its weight as (in, out)
         (a, b), (c, d) = (factorization(out_features, config.decompose_factor),
                           factorization(in_features, config.decompose_factor))

@@ -21,8 +21,7 @@ from torch import nn
 
 from lightning_delta.core import Delta, DeltaConfig
 from lightning_delta.errors import DeltaConfigError
-from lightning_delta.methods.vera import in_out
-from lightning_delta.targets import is_linear_like
+from lightning_delta.targets import is_linear_like, linear_in_out
 
 
 @dataclass
@@ -55,7 +54,7 @@ class OftConfig(DeltaConfig):
         return is_linear_like(module)
 
     def build(self, module: nn.Module, seed: int, path: str = "") -> OFT:
-        in_features = in_out(module)[0]
+        in_features = linear_in_out(module)[0]
         if in_features % self.block_size:
             divisors = [b for b in range(2, min(in_features, 256) + 1) if in_features % b == 0]
             raise DeltaConfigError(
@@ -71,7 +70,7 @@ class OFT(Delta):
 
     def __init__(self, config: OftConfig, target: nn.Module) -> None:
         super().__init__(config, target)
-        in_features = in_out(target)[0]
+        in_features = linear_in_out(target)[0]
         self.block_size = config.block_size
         self.blocks = in_features // config.block_size
         self.transposed = not isinstance(target, nn.Linear)  # Conv1D stores its weight as (in, out)

@@ -26,13 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_delta.core import Delta, DeltaConfig
-from lightning_delta.targets import is_linear_like
-
-
-def in_out(module: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a Linear (weight ``(out, in)``) or Conv1D (weight ``(in, out)``)."""
-    rows, cols = module.weight.shape
-    return (cols, rows) if isinstance(module, nn.Linear) else (rows, cols)
+from lightning_delta.targets import is_linear_like, linear_in_out
 
 
 def projection(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
@@ -113,7 +107,7 @@ class VeRA(Delta):
 
     def __init__(self, config: VeraConfig, target: nn.Module) -> None:
         super().__init__(config, target)
-        self.in_features, self.out_features = in_out(target)
+        self.in_features, self.out_features = linear_in_out(target)
         self.transposed = not isinstance(target, nn.Linear)  # Conv1D stores its weight as (in, out)
         self.lambda_d = nn.Parameter(torch.empty(config.r, **self.factory))
         self.lambda_b = nn.Parameter(torch.zeros(self.out_features, **self.factory))
@@ -154,8 +148,9 @@ class VeRA(Delta):
 
     def _factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``diag(lambda_d) A[:, :in]`` and ``diag(lambda_b) B[:out]`` in ``dtype``."""
-        a = self.lambda_d[:, None] * self.A[:, :self.in_features]
-        b = self.lambda_b[:, None] * self.B[:self.out_features]
+        device = self.lambda_d.device  # the shared pair lives beside the first target
+        a = self.lambda_d[:, None] * self.A[:, :self.in_features].to(device)
+        b = self.lambda_b[:, None] * self.B[:self.out_features].to(device)
         return a.to(dtype), b.to(dtype)
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
