@@ -366,3 +366,20 @@ def test_every_method_attaches_by_preset_with_defaults():
     for build, family in ((tiny_bert, "bert"), (tiny_gpt2, "gpt2"), (tiny_llama, "llama")):
         for method in METHODS:
             assert len(attach(build(), method).deltas()) == 2 * (1 if family == "gpt2" else 2)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_delta_stays_fp32_under_a_bf16_backbone(method):
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 8)).to(torch.bfloat16)
+    handle = randomize(attach(model, method, targets=["0", "1"], **SMALL[method]), scale=0.05)
+    model.to(torch.bfloat16)  # casting the model afterwards keeps the delta's dtype
+    tensors = [*handle.delta_parameters(), *(b for d in handle.deltas() for b in d.module.buffers()
+                                             if b.is_floating_point())]
+    assert tensors and all(t.dtype == torch.float32 for t in tensors)
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    out = model(x)
+    assert out.dtype == torch.bfloat16
+    handle.merge()
+    torch.testing.assert_close(model(x), out, rtol=0.05, atol=0.05)
