@@ -33,13 +33,17 @@ from lightning_delta.methods.compacter import CompacterConfig  # noqa: E402
 from lightning_delta.methods.dora import DoraConfig  # noqa: E402
 from lightning_delta.methods.ia3 import IA3Config  # noqa: E402
 from lightning_delta.methods.layernorm import LayerNormConfig  # noqa: E402
+from lightning_delta.methods.loha import LohaConfig  # noqa: E402
+from lightning_delta.methods.lokr import LokrConfig  # noqa: E402
 from lightning_delta.methods.lora import LoraConfig  # noqa: E402
 from lightning_delta.methods.low_rank_adapter import LowRankAdapterConfig  # noqa: E402
 from lightning_delta.methods.new_tokens import NewTokensConfig  # noqa: E402
+from lightning_delta.methods.oft import OftConfig  # noqa: E402
 from lightning_delta.methods.parallel_adapter import ParallelAdapterConfig  # noqa: E402
 from lightning_delta.methods.peft_backend import PeftDeltaConfig  # noqa: E402
 from lightning_delta.methods.prefix import PrefixConfig  # noqa: E402
 from lightning_delta.methods.prompt import PromptConfig  # noqa: E402
+from lightning_delta.methods.vera import VeraConfig  # noqa: E402
 from lightning_delta.optim import param_groups  # noqa: E402
 from lightning_delta.targets import resolve_targets  # noqa: E402
 
@@ -74,16 +78,20 @@ __all__ = [
     "DoraConfig",
     "IA3Config",
     "LayerNormConfig",
+    "LohaConfig",
+    "LokrConfig",
     "LoraConfig",
     "LowRankAdapterConfig",
     "MergeError",
     "NewTokensConfig",
+    "OftConfig",
     "ParallelAdapterConfig",
     "PeftDeltaConfig",
     "PrefixConfig",
     "PromptConfig",
     "TargetError",
     "UnsupportedModuleError",
+    "VeraConfig",
     "attach",
     "attach_from_checkpoint",
     "export_peft",

@@ -4,8 +4,9 @@
 loads to the same outputs; :func:`import_peft` attaches a PEFT adapter folder as native deltas that
 give PEFT's outputs. Both handle ``lora`` (incl. rslora and PEFT's embedding and conv LoRA), ``dora``,
 ``ia3``, ``prompt`` and ``prefix`` (export: without the projection, or after ``fold()``), and a
-sequence classifier's head (PEFT's ``modules_to_save``). Methods one side has no equivalent for
-raise a clear error.
+sequence classifier's head (PEFT's ``modules_to_save``). Export also writes ``vera`` (with the shared
+projections), ``loha``, ``lokr`` and ``oft`` (``nn.Linear`` targets: PEFT's LoHa, LoKr and OFT take no
+``Conv1D``). Methods one side has no equivalent for raise a clear error.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from lightning_delta.handle import DeltaModel
 from lightning_delta.methods.lora import LoRAEmbedding
 from lightning_delta.state import TRAINABLE_ATTR, canonical, trainable_module_names
 
-PEFT_METHODS = ("lora", "dora", "ia3", "prompt", "prefix")
+PEFT_METHODS = ("lora", "dora", "ia3", "vera", "loha", "lokr", "oft", "prompt", "prefix")
+#: Methods whose PEFT layers accept only ``nn.Linear`` among Linear-like targets.
+LINEAR_ONLY = ("loha", "lokr", "oft")
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -57,6 +60,25 @@ def _peft_config(model: nn.Module, name: str):
         return peft.LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                                use_rslora=config.rslora, use_dora=config.method == "dora", target_modules=targets,
                                fan_in_fan_out=fan_in_fan_out, **common)
+    if config.method in LINEAR_ONLY:
+        transposed = [d.target_path for d in deltas if getattr(d.module, "transposed", False)]
+        if transposed:
+            raise DeltaConfigError(
+                f"PEFT's {config.method} takes only nn.Linear targets, not the Conv1D {transposed[:3]}:"
+                f" this delta cannot be exported to PEFT's format")
+    if config.method == "vera":
+        return peft.VeraConfig(r=config.r, target_modules=targets, vera_dropout=config.dropout,
+                               d_initial=config.d_initial, save_projection=True,
+                               projection_prng_key=config.projection_seed or 0,
+                               fan_in_fan_out=any(d.module.transposed for d in deltas), **common)
+    if config.method == "loha":
+        return peft.LoHaConfig(r=config.r, alpha=config.alpha, target_modules=targets, **common)
+    if config.method == "lokr":
+        return peft.LoKrConfig(r=config.r, alpha=config.alpha, decompose_both=config.decompose_both,
+                               decompose_factor=config.decompose_factor, target_modules=targets, **common)
+    if config.method == "oft":
+        return peft.OFTConfig(r=0, oft_block_size=config.block_size, use_cayley_neumann=config.cayley_neumann,
+                              num_cayley_neumann_terms=config.neumann_terms, target_modules=targets, **common)
     if config.method == "ia3":
         return peft.IA3Config(target_modules=targets,
                               feedforward_modules=[d.target_path for d in deltas if d.module.on_input], **common)
@@ -75,6 +97,19 @@ def _tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         method = module.config.method
         if method in ("prompt", "prefix"):
             out["prompt_embeddings"] = module.states().detach()
+        elif method == "vera":
+            out[f"{prefix}.vera_lambda_d"] = module.lambda_d.detach()
+            out[f"{prefix}.vera_lambda_b"] = module.lambda_b.detach()
+            out["base_model.vera_A"], out["base_model.vera_B"] = module.A.detach(), module.B.detach()
+        elif method == "loha":
+            for part in ("w1_a", "w1_b", "w2_a", "w2_b"):
+                out[f"{prefix}.hada_{part}"] = getattr(module, part).detach()
+        elif method == "lokr":
+            for part in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b"):
+                if isinstance(getattr(module, part, None), torch.Tensor):
+                    out[f"{prefix}.lokr_{part}"] = getattr(module, part).detach()
+        elif method == "oft":
+            out[f"{prefix}.oft_R.weight"] = module.skew.detach()
         elif method == "ia3":
             scale = module.scale.detach()
             out[f"{prefix}.ia3_l"] = scale[None, :] if module.on_input else scale[:, None]

@@ -146,6 +146,12 @@ def is_linear_like(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers.")
 
 
+def linear_in_out(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a Linear (weight ``(out, in)``) or Conv1D (weight ``(in, out)``)."""
+    rows, cols = module.weight.shape
+    return (cols, rows) if isinstance(module, nn.Linear) else (rows, cols)
+
+
 def model_type(model: nn.Module) -> str | None:
     """``model.config.model_type`` for transformers models, else ``None``."""
     return getattr(getattr(model, "config", None), "model_type", None)

@@ -14,19 +14,23 @@ from lightning_delta.methods.compacter import CompacterConfig
 from lightning_delta.methods.dora import DoraConfig
 from lightning_delta.methods.ia3 import IA3Config
 from lightning_delta.methods.layernorm import LayerNormConfig
+from lightning_delta.methods.loha import LohaConfig
+from lightning_delta.methods.lokr import LokrConfig
 from lightning_delta.methods.lora import LoraConfig
 from lightning_delta.methods.low_rank_adapter import LowRankAdapterConfig
 from lightning_delta.methods.new_tokens import NewTokensConfig
+from lightning_delta.methods.oft import OftConfig
 from lightning_delta.methods.parallel_adapter import ParallelAdapterConfig
 from lightning_delta.methods.peft_backend import PeftDeltaConfig
 from lightning_delta.methods.prefix import PrefixConfig
 from lightning_delta.methods.prompt import PromptConfig
+from lightning_delta.methods.vera import VeraConfig
 
 METHODS: dict[str, type[DeltaConfig]] = {
     config.method: config
     for config in (LoraConfig, DoraConfig, IA3Config, BitFitConfig, LayerNormConfig, AdapterConfig,
                    ParallelAdapterConfig, LowRankAdapterConfig, CompacterConfig, PromptConfig,
-                   PrefixConfig, NewTokensConfig, PeftDeltaConfig)
+                   PrefixConfig, NewTokensConfig, PeftDeltaConfig, VeraConfig, LohaConfig, LokrConfig, OftConfig)
 }
 
 

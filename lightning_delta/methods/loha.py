@@ -1,0 +1,100 @@
+"""LoHa (Hyeon-Woo et al., 2022, FedPara; LyCORIS): a Hadamard product of two low-rank products.
+
+``W' = W + s * (w1_a @ w1_b) * (w2_a @ w2_b)`` (element-wise product) with ``w*_a`` of shape
+``(out, r)``, ``w*_b`` of shape ``(r, in)`` and ``s = alpha / r``, PEFT's parameterisation and
+initialisation: ``w1_a``, ``w1_b``, ``w2_a`` Kaiming-uniform, ``w2_b`` zero, so the update starts
+at zero (the identity at init). The rank of the update reaches ``r ** 2`` for ``2 * r * (in + out)``
+parameters per target. Supports ``nn.Linear`` and ``Conv1D``; presets as LoRA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_delta.core import Delta, DeltaConfig, kaiming_
+from lightning_delta.targets import is_linear_like, linear_in_out
+
+
+@dataclass
+class LohaConfig(DeltaConfig):
+    """LoHa hyper-parameters.
+
+    Args:
+        r: rank of each of the two factors (> 0).
+        alpha: scaling numerator; the update is scaled by ``alpha / r`` (PEFT's default: ``alpha = r = 8``).
+    """
+
+    method = "loha"
+    supported_types = "nn.Linear and transformers Conv1D"
+
+    r: int = 8
+    alpha: float = 8.0
+
+    def validate(self) -> None:
+        self.check_range("r", self.r, isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
+                         "a positive integer, e.g. r=8")
+        self.check_range("alpha", self.alpha, isinstance(self.alpha, (int, float)) and self.alpha > 0,
+                         "a positive number, e.g. alpha=8")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    def supports(self, module: nn.Module) -> bool:
+        return is_linear_like(module)
+
+    def build(self, module: nn.Module, seed: int, path: str = "") -> LoHa:
+        return LoHa(self, module).seeded(seed)
+
+
+class LoHa(Delta):
+    """Four factors ``w1_a``, ``w1_b``, ``w2_a``, ``w2_b``; the update is their Hadamard-combined product."""
+
+    mergeable = True
+
+    def __init__(self, config: LohaConfig, target: nn.Module) -> None:
+        super().__init__(config, target)
+        in_features, out_features = linear_in_out(target)
+        self.transposed = not isinstance(target, nn.Linear)  # Conv1D stores its weight as (in, out)
+        self.w1_a = nn.Parameter(torch.empty(out_features, config.r, **self.factory))
+        self.w1_b = nn.Parameter(torch.empty(config.r, in_features, **self.factory))
+        self.w2_a = nn.Parameter(torch.empty(out_features, config.r, **self.factory))
+        self.w2_b = nn.Parameter(torch.zeros(config.r, in_features, **self.factory))
+        self.scale = config.scale
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """``w1_a``, ``w1_b``, ``w2_a`` Kaiming-uniform (as PEFT) from ``init_seed``, ``w2_b`` zero."""
+        generator = self.generator()
+        for p in (self.w1_a, self.w1_b, self.w2_a):
+            kaiming_(p, generator)
+        self.w2_b.zero_()
+
+    def update(self) -> torch.Tensor:
+        """``s * (w1_a @ w1_b) * (w2_a @ w2_b)`` in ``(out, in)`` layout."""
+        return (self.w1_a @ self.w1_b) * (self.w2_a @ self.w2_b) * self.scale
+
+    def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """``output + x @ update.T``; x ``(..., in)``, output ``(..., out)``."""
+        return output + F.linear(x, self.update().to(x.dtype)).to(output.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update in the layout of the target's weight."""
+        update = self.update()
+        return update.T if self.transposed else update
+
+    @torch.no_grad()
+    def merge(self, target: nn.Module) -> None:
+        if not self.merged:
+            target.weight += self.delta_weight().to(target.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self, target: nn.Module) -> None:
+        if self.merged:
+            target.weight -= self.delta_weight().to(target.weight.dtype)
+            self.merged = False
