@@ -1,9 +1,14 @@
 """Export a delta to PEFT's adapter format: ``adapter_config.json`` + ``adapter_model.safetensors``,
 loadable with ``peft.PeftModel.from_pretrained(base_model, directory)`` and giving the same outputs.
 
-Supported: ``lora`` (incl. rslora), ``dora``, ``ia3``, ``prompt`` and ``prefix`` (without the
+Supported: ``lora`` (incl. rslora and every ``init``), ``dora``, ``ia3``, ``prompt`` and ``prefix`` (without the
 projection, or after ``fold()``). Methods PEFT has no equivalent for raise a clear error, and so
 do trainable backbone modules (``trainable=[...]``), which this first version does not export.
+
+A PiSSA / OLoRA LoRA trains beside the residual ``W - s B0 A0``, but the export is loaded onto the
+original weight ``W``: as PEFT's own conversion (``path_initial_model_for_weight_conversion``), it
+is written as the rank-``2r`` LoRA ``A' = [A; A0]``, ``B' = [B, -B0]`` with ``alpha' = 2 alpha``
+(``sqrt(2) alpha`` with rslora), so ``W + s (B A - B0 A0)`` is what our model computes.
 """
 
 from __future__ import annotations
@@ -32,6 +37,11 @@ def _task_type(model: nn.Module) -> str | None:
     return None
 
 
+def _relative_to_residual(module: nn.Module) -> bool:
+    """Whether a LoRA delta trains beside a residual weight (PiSSA / OLoRA)."""
+    return getattr(module, "residual", False)
+
+
 def _peft_config(model: nn.Module, name: str):
     import peft
 
@@ -41,6 +51,11 @@ def _peft_config(model: nn.Module, name: str):
     task = _task_type(model)
     if config.method in ("lora", "dora"):
         fan_in_fan_out = any(getattr(d.module, "transposed", False) for d in deltas)
+        if _relative_to_residual(deltas[0].module):  # rank 2r, same scale (see the module docstring)
+            alpha = config.alpha * (2**0.5 if config.rslora else 2)
+            return peft.LoraConfig(r=2 * config.r, lora_alpha=alpha, lora_dropout=config.dropout,
+                                   use_rslora=config.rslora, target_modules=targets, fan_in_fan_out=fan_in_fan_out,
+                                   task_type=task)
         return peft.LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                                use_rslora=config.rslora, use_dora=config.method == "dora", target_modules=targets,
                                fan_in_fan_out=fan_in_fan_out, task_type=task)
@@ -65,6 +80,9 @@ def _tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         elif method == "ia3":
             scale = module.scale.detach()
             out[f"{prefix}.ia3_l"] = scale[None, :] if module.on_input else scale[:, None]
+        elif _relative_to_residual(module):  # W_res + s B A = W + s [B, -B0] [A; A0]
+            out[f"{prefix}.lora_A.weight"] = torch.cat([module.A.detach(), module.A0.to(module.A.dtype)], dim=0)
+            out[f"{prefix}.lora_B.weight"] = torch.cat([module.B.detach(), -module.B0.to(module.B.dtype)], dim=1)
         else:
             out[f"{prefix}.lora_A.weight"], out[f"{prefix}.lora_B.weight"] = module.A.detach(), module.B.detach()
             if method == "dora":
