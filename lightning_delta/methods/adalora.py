@@ -323,7 +323,7 @@ class RankAllocator:
                     param.grad = grad.to(param.dtype)
                 else:
                     param.grad.add_(grad.to(param.grad.dtype))
-        return float(value)
+        return float(value.detach())
 
     def state_dict(self) -> dict[str, Any]:
         """The importance EMAs, total steps and history (the masks live in the model's state)."""
