@@ -21,6 +21,7 @@ from lightning_delta import (
 from lightning.pytorch.callbacks import Callback
 from lightning_helpers import Classifier, ReloadableClassifier, loader, save_pretrained_bert, trainer
 from models import family_inputs, inputs_and_labels, tiny_bert, tiny_gpt2
+from test_families import LanguageModel
 
 FAMILY = {"bert": (tiny_bert, ["query", "value"], {}),
           "gpt2": (tiny_gpt2, ["c_attn", "c_fc"], {"fan_in_fan_out": True})}
@@ -163,7 +164,7 @@ def adalora_callback(**kw):
     return DeltaCallback(config, trainable=["classifier"])
 
 
-def test_trainer_run_shrinks_the_budget_and_lowers_the_loss(source, tmp_path):
+def test_trainer_run_shrinks_the_budget_to_target_r(source, tmp_path):
     module = Classifier(source, lr=0.02)
     callback, record = adalora_callback(), Record()
     fit = trainer(tmp_path, [callback, record], max_steps=30, max_epochs=-1)
@@ -181,7 +182,17 @@ def test_trainer_run_shrinks_the_budget_and_lowers_the_loss(source, tmp_path):
     for step, budget, ranks in allocator.history:
         assert ranks <= budget
     first, last = sum(record.losses[:5]) / 5, sum(record.losses[-5:]) / 5
-    assert last < 0.8 * first, (first, last)
+    assert last < 0.8 * first, (first, last)  # AdaLoRA with the classifier head
+
+
+def test_thirty_steps_of_adalora_alone_lower_the_loss(tmp_path):
+    module = LanguageModel("gpt2", lr=0.05)  # causal LM on a fixed batch, nothing trained but the delta
+    module.losses = []
+    callback = DeltaCallback(AdaLoraConfig(init_r=6, target_r=2, alpha=16, tinit=5, tfinal=10))
+    trainer(tmp_path, [callback], max_steps=30).fit(module)
+    first, last = sum(module.losses[:5]) / 5, sum(module.losses[-5:]) / 5
+    assert last < 0.97 * first, module.losses
+    assert callback.allocators["adalora"].kept == 2 * 2  # c_attn of two blocks (the preset), target_r=2
 
 
 def test_masked_ranks_survive_save_load_and_resume(source, tmp_path):
@@ -221,3 +232,15 @@ def test_masked_ranks_survive_save_load_and_resume(source, tmp_path):
     assert all(k == 8 for k in record.kept.values()) and record.nonzero == 8
     for d in DeltaModel(resumed.model).deltas():
         assert torch.equal(d.module.rank_mask, masks[d.path])
+
+
+def test_gradient_accumulation_allocates_once_per_optimizer_step(source, tmp_path):
+    module = Classifier(source, lr=0.02)
+    callback = DeltaCallback(AdaLoraConfig(targets=["query", "value"], init_r=4, target_r=1, tinit=1, tfinal=3),
+                             trainable=["classifier"])
+    fit = trainer(tmp_path, [callback], max_steps=12, max_epochs=-1, accumulate_grad_batches=2)
+    fit.fit(module, loader())
+    allocator = callback.allocators["adalora"]
+    assert allocator.total_step == 12 and fit.global_step == 12
+    assert [h[0] for h in allocator.history] == list(range(2, 10))  # after tinit, up to total_step - tfinal
+    assert allocator.kept == 4
