@@ -9,6 +9,10 @@ A PiSSA / OLoRA LoRA trains beside the residual ``W - s B0 A0``, but the export 
 original weight ``W``: as PEFT's own conversion (``path_initial_model_for_weight_conversion``), it
 is written as the rank-``2r`` LoRA ``A' = [A; A0]``, ``B' = [B, -B0]`` with ``alpha' = 2 alpha``
 (``sqrt(2) alpha`` with rslora), so ``W + s (B A - B0 A0)`` is what our model computes.
+
+An AdaLoRA delta is written with its ``rank_pattern`` (PEFT's format): per target only the kept
+triplets (mask on, or a singular value not zero) of ``lora_A``, ``lora_E``, ``lora_B``; PEFT
+resizes its layers to those ranks on load, keeping the scale ``alpha / init_r``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from lightning_delta.errors import DeltaConfigError
 from lightning_delta.handle import DeltaModel
 from lightning_delta.state import TRAINABLE_ATTR
 
-PEFT_METHODS = ("lora", "dora", "ia3", "prompt", "prefix")
+PEFT_METHODS = ("lora", "dora", "adalora", "ia3", "prompt", "prefix")
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -35,6 +39,11 @@ def _task_type(model: nn.Module) -> str | None:
     if name.endswith(("ForCausalLM", "LMHeadModel")):
         return "CAUSAL_LM"
     return None
+
+
+def _kept_triplets(module: nn.Module) -> torch.Tensor:
+    """AdaLoRA: the triplets that contribute to the output (mask on, or a regrown singular value)."""
+    return module.rank_mask | (module.E.detach().view(-1) != 0)
 
 
 def _relative_to_residual(module: nn.Module) -> bool:
@@ -59,6 +68,14 @@ def _peft_config(model: nn.Module, name: str):
         return peft.LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                                use_rslora=config.rslora, use_dora=config.method == "dora", target_modules=targets,
                                fan_in_fan_out=fan_in_fan_out, task_type=task)
+    if config.method == "adalora":
+        fan_in_fan_out = any(d.module.transposed for d in deltas)
+        rank_pattern = {f"{d.target_path}.lora_E": _kept_triplets(d.module).tolist() for d in deltas}
+        return peft.AdaLoraConfig(
+            init_r=config.init_r, target_r=config.target_r, lora_alpha=config.alpha, lora_dropout=config.dropout,
+            tinit=config.tinit, tfinal=config.tfinal, deltaT=config.deltaT, beta1=config.beta1, beta2=config.beta2,
+            orth_reg_weight=config.orth_reg_weight, total_step=config.total_step or config.tinit + config.tfinal + 1,
+            rank_pattern=rank_pattern, target_modules=targets, fan_in_fan_out=fan_in_fan_out, task_type=task)
     if config.method == "ia3":
         return peft.IA3Config(target_modules=targets, task_type=task,
                               feedforward_modules=[d.target_path for d in deltas if d.module.on_input])
@@ -77,6 +94,10 @@ def _tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         method = module.config.method
         if method in ("prompt", "prefix"):
             out["prompt_embeddings"] = module.states().detach()
+        elif method == "adalora":
+            keep = _kept_triplets(module)
+            out[f"{prefix}.lora_A"], out[f"{prefix}.lora_E"] = module.A.detach()[keep], module.E.detach()[keep]
+            out[f"{prefix}.lora_B"] = module.B.detach()[:, keep]
         elif method == "ia3":
             scale = module.scale.detach()
             out[f"{prefix}.ia3_l"] = scale[None, :] if module.on_input else scale[:, None]

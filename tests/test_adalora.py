@@ -19,6 +19,7 @@ from lightning_delta import (
     save_delta,
 )
 from lightning.pytorch.callbacks import Callback
+from lightning_delta.export import export_peft
 from lightning_helpers import Classifier, ReloadableClassifier, loader, save_pretrained_bert, trainer
 from models import family_inputs, inputs_and_labels, tiny_bert, tiny_gpt2
 from test_families import LanguageModel
@@ -244,3 +245,25 @@ def test_gradient_accumulation_allocates_once_per_optimizer_step(source, tmp_pat
     assert allocator.total_step == 12 and fit.global_step == 12
     assert [h[0] for h in allocator.history] == list(range(2, 10))  # after tinit, up to total_step - tfinal
     assert allocator.kept == 4
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_peft_loads_the_export_with_its_rank_pattern(tmp_path, family):
+    make, targets, _ = FAMILY[family]
+    base = make().eval()
+    model = copy.deepcopy(base)
+    handle = attach(model, "adalora", targets=targets, init_r=4, target_r=2, alpha=8, total_step=10)
+    randomize(handle, size=0.3)
+    kept = [[True, False, True, True], [False] * 4, [True] * 4, [False, True, False, False]]
+    for d, mask in zip(handle.deltas(), kept, strict=True):
+        d.module.rank_mask.copy_(torch.tensor(mask))
+        d.module.apply_mask()
+    inputs = family_inputs(family)
+    ours = model(**inputs).logits
+    export_peft(model, tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "adapter")).eval()
+    ranks = {n.rsplit(".lora_E", 1)[0]: p.shape[0] for n, p in loaded.named_parameters() if ".lora_E" in n}
+    assert sorted(ranks.values()) == sorted(sum(m) for m in kept)  # resized to the kept ranks, 0 included
+    torch.testing.assert_close(loaded(**inputs).logits, ours, rtol=0, atol=1e-5)
