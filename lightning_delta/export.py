@@ -1,8 +1,8 @@
 """Export a delta to PEFT's adapter format: ``adapter_config.json`` + ``adapter_model.safetensors``,
 loadable with ``peft.PeftModel.from_pretrained(base_model, directory)`` and giving the same outputs.
 
-Supported: ``lora`` (incl. rslora and every ``init``), ``dora``, ``ia3``, ``prompt`` and ``prefix`` (without the
-projection, or after ``fold()``). Methods PEFT has no equivalent for raise a clear error, and so
+Supported: ``lora`` (incl. rslora and every ``init``), ``dora``, ``adalora``, ``ia3``, ``prompt`` and
+``prefix`` (without the projection, or after ``fold()``). Methods PEFT has no equivalent for raise a clear error, and so
 do trainable backbone modules (``trainable=[...]``), which this first version does not export.
 
 A PiSSA / OLoRA LoRA trains beside the residual ``W - s B0 A0``, but the export is loaded onto the
