@@ -244,3 +244,15 @@ def test_residual_init_refuses_meta_weights():
         model = nn.Sequential(nn.Linear(8, 8))
     with pytest.raises(UnsupportedModuleError, match="meta"):
         attach(model, "lora", targets="0", r=2, init="pissa")
+
+
+def test_half_precision_backbone_is_restored_up_to_its_rounding():
+    model = nn.Sequential(nn.Linear(64, 64)).to(torch.bfloat16)
+    weight, x = model[0].weight.detach().clone(), torch.randn(4, 64, dtype=torch.bfloat16)
+    reference = model(x)
+    handle = attach(model, "lora", targets="0", r=8, init="pissa")
+    assert handle.deltas()[0].module.A.dtype == torch.float32
+    torch.testing.assert_close(model(x), reference)  # bf16 tolerances: the residual is stored in bf16
+    handle.detach()
+    ulp = torch.finfo(torch.bfloat16).eps * weight.float().abs().clamp_min(torch.finfo(torch.bfloat16).tiny)
+    assert ((model[0].weight.float() - weight.float()).abs() <= ulp).all()  # within one unit in the last place
