@@ -254,6 +254,10 @@ def test_half_precision_backbone_is_restored_up_to_its_rounding():
     assert handle.deltas()[0].module.A.dtype == torch.float32
     scale = reference.float().abs().max().item()  # the residual is stored in bf16: bf16 rounding of the output
     torch.testing.assert_close(model(x), reference, rtol=0, atol=torch.finfo(torch.bfloat16).eps * 2 * scale)
+    residual = model[0].weight.detach().float().clone()
     handle.detach()
-    ulp = torch.finfo(torch.bfloat16).eps * weight.float().abs().clamp_min(torch.finfo(torch.bfloat16).tiny)
-    assert ((model[0].weight.float() - weight.float()).abs() <= ulp).all()  # within one unit in the last place
+    # two roundings (residual, restored weight), each at most half a unit in the last place of its value
+    bound = torch.finfo(torch.bfloat16).eps * torch.maximum(weight.float().abs(), residual.abs())
+    error = (model[0].weight.float() - weight.float()).abs()
+    assert (error <= bound).all()
+    assert (error == 0).float().mean() > 0.5  # most entries come back bit-exact
