@@ -195,7 +195,12 @@ class DeltaCallback(Callback):
         self._allocators = {}
         for name, config in DeltaModel(backbone).configs.items():
             if config.method == "adalora":
-                total = config.total_step or int(trainer.estimated_stepping_batches)
+                total = config.total_step or trainer.estimated_stepping_batches
+                if total == float("inf"):
+                    raise DeltaConfigError(
+                        f"adalora delta {name!r}: the Trainer cannot tell the number of steps (max_steps=-1 and a"
+                        " loader without length); set AdaLoraConfig(total_step=...) or Trainer(max_steps=...)")
+                total = int(total)
                 allocator = RankAllocator(backbone, name, total_step=total)
                 if name in self._allocator_state:  # resumed: the importance EMAs and history
                     allocator.load_state_dict(self._allocator_state[name])

@@ -18,9 +18,10 @@ Initialisations (``init``), as PEFT's ``init_lora_weights``:
 PiSSA and OLoRA start with a non-zero update, so at attach the frozen weight becomes the residual
 ``W - s B0 A0`` (the model still computes what the backbone did, up to float rounding), and
 detach adds ``s B0 A0`` back (in float32: exact up to the rounding of the weight's dtype, which
-for a bf16/fp16 backbone holding the residual is that dtype's precision). ``A0`` and ``B0`` stay as non-persistent buffers: recomputed from
-the original weight at every attach (so a delta-only checkpoint needs no extra tensors), and
-used to write a PEFT export relative to the original weight (rank ``2r``, as PEFT's conversion).
+for a bf16/fp16 backbone holding the residual is that dtype's precision). ``A0`` and ``B0`` stay
+as non-persistent buffers: recomputed from the original weight at every attach (so a delta-only
+checkpoint needs no extra tensors), and used to write a PEFT export relative to the original
+weight (rank ``2r``, as PEFT's conversion).
 They need linear-like targets holding real (non-meta, unsharded) weights at attach.
 """
 
