@@ -27,6 +27,7 @@ from lightning_delta.errors import (  # noqa: E402
 from lightning_delta.export import export_peft, import_peft  # noqa: E402
 from lightning_delta.handle import DeltaModel, DeltaSummary, attach, trainable_parameters  # noqa: E402
 from lightning_delta.methods import METHODS, make_config  # noqa: E402
+from lightning_delta.methods.adalora import AdaLoraConfig, RankAllocator  # noqa: E402
 from lightning_delta.methods.adapter import AdapterConfig  # noqa: E402
 from lightning_delta.methods.bitfit import BitFitConfig  # noqa: E402
 from lightning_delta.methods.compacter import CompacterConfig  # noqa: E402
@@ -61,6 +62,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "METHODS",
+    "AdaLoraConfig",
     "AdapterConfig",
     "BitFitConfig",
     "CheckpointReadError",
@@ -89,6 +91,7 @@ __all__ = [
     "PeftDeltaConfig",
     "PrefixConfig",
     "PromptConfig",
+    "RankAllocator",
     "TargetError",
     "UnsupportedModuleError",
     "VeraConfig",

@@ -22,6 +22,7 @@ from lightning_delta.core import DeltaConfig
 from lightning_delta.distributed import AttachAfterConfigureModel, install_wrap_policy
 from lightning_delta.errors import DeltaConfigError, DeltaStateError
 from lightning_delta.handle import DeltaModel, ensure_attached, to_configs
+from lightning_delta.methods.adalora import RankAllocator
 from lightning_delta.precision import KeepTrainableFp32
 from lightning_delta.state import compare_fingerprint
 from lightning_delta.targets import normalize_patterns
@@ -113,6 +114,9 @@ class DeltaCallback(Callback):
             raise DeltaConfigError(f"every_n_layers={every_n_layers} must be at least 1")
         self._checkpointing = every_n_layers if gradient_checkpointing else 0
         self._active = None if active is None else list(normalize_patterns(active))
+        self._allocators: dict[str, RankAllocator] = {}
+        self._allocator_state: dict[str, Any] = {}
+        self._last_step = -1
 
     @property
     def configs(self) -> list[DeltaConfig]:
@@ -185,6 +189,67 @@ class DeltaCallback(Callback):
                 " fp16 backbone can underflow to zero. Prefer precision='bf16-true' (same memory, no underflow)"
                 " or '16-mixed' (fp16 compute with loss scaling)."
             )
+
+    # -- AdaLoRA: rank allocation on the Trainer's step counter -----------------------------------------
+    @property
+    def allocators(self) -> dict[str, RankAllocator]:
+        """The AdaLoRA rank allocators of this run, by delta name (empty before training starts)."""
+        return dict(self._allocators)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        backbone = pl_module.get_submodule(self.backbone_path(pl_module))
+        self._allocators = {}
+        for name, config in DeltaModel(backbone).configs.items():
+            if config.method == "adalora":
+                total = config.total_step or trainer.estimated_stepping_batches
+                if total == float("inf"):
+                    raise DeltaConfigError(
+                        f"adalora delta {name!r}: the Trainer cannot tell the number of steps (max_steps=-1 and a"
+                        " loader without length); set AdaLoraConfig(total_step=...) or Trainer(max_steps=...)")
+                total = int(total)
+                allocator = RankAllocator(backbone, name, total_step=total)
+                if name in self._allocator_state:  # resumed: the importance EMAs and history
+                    allocator.load_state_dict(self._allocator_state[name])
+                self._allocators[name] = allocator
+        self._allocator_state = {}
+        self._last_step = trainer.global_step
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """AdaLoRA's orthogonal regulariser, added to the factors' gradients after each backward.
+
+        The gradients equal those of ``loss + orth_reg_weight * R`` (Lightning divides the loss by
+        ``accumulate_grad_batches`` and a GradScaler multiplies it by its scale: so is ``R`` here),
+        without touching the user's ``training_step`` or running a second backward through the model.
+        """
+        if not self._allocators:
+            return
+        factor = 1.0 / trainer.accumulate_grad_batches
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            factor *= float(scaler.get_scale())
+        for allocator in self._allocators.values():
+            allocator.add_orth_reg_grad(factor)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """AdaLoRA's importance update and reallocation, once per optimizer step: after ``optimizer.step()``,
+        before the next ``zero_grad()`` (Lightning clears gradients inside the next step's closure)."""
+        if not self._allocators or trainer.global_step == self._last_step:
+            return  # no allocator, or an accumulating batch without an optimizer step
+        self._last_step = trainer.global_step
+        for allocator in self._allocators.values():
+            allocator.update_and_allocate(trainer.global_step)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"adalora": {name: a.state_dict() for name, a in self._allocators.items()}} if self._allocators else {}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._allocator_state = dict(state_dict.get("adalora", {}))
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:

@@ -89,6 +89,9 @@ def _check(model: nn.Module, names: Sequence[str], weights: Sequence[float], how
             raise DeltaConfigError(f"no delta named {n!r}; attached: {sorted(attached)}")
         if found[0].module.config.method != "lora":
             raise DeltaConfigError(f"{n!r} is {found[0].module.config.method!r}: only LoRA deltas combine")
+        if found[0].module.weight_offset() is not None:
+            raise DeltaConfigError(f"{n!r} trains beside a residual weight (init={found[0].module.config.init!r}):"
+                                   " its update is not relative to the backbone, so it does not combine")
         if any(d.module.merged for d in found):
             raise DeltaConfigError(f"{n!r} is merged into the weights: unmerge it before combining")
         by_name[n] = found

@@ -214,6 +214,19 @@ class Delta(nn.Module):
                 for extra in extras:
                     extra.pop(key, None)
 
+    def release(self, target: nn.Module) -> None:
+        """Removes this delta's hooks from a target it was merged into, keeping the merged weights
+        (``merge_and_unload``); deltas that changed the target at attach leave that change in."""
+        self.unhook_from(target)
+
+    def weight_offset(self) -> torch.Tensor | None:
+        """What attach subtracted from the target's ``weight`` (in its layout), restored at detach.
+
+        ``None`` for deltas that leave the backbone's values alone (all but LoRA's PiSSA / OLoRA
+        inits); the backbone fingerprint adds it back to describe the original weights.
+        """
+        return None
+
     def merge_blocker(self, target: nn.Module) -> str | None:
         """Why this delta cannot be merged into ``target``, or ``None`` if it can."""
         return None if self.mergeable else f"{self.config.method!r} has no merge"

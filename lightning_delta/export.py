@@ -2,11 +2,21 @@
 
 :func:`export_peft` writes a delta that ``peft.PeftModel.from_pretrained(base_model, directory)``
 loads to the same outputs; :func:`import_peft` attaches a PEFT adapter folder as native deltas that
-give PEFT's outputs. Both handle ``lora`` (incl. rslora and PEFT's embedding and conv LoRA), ``dora``,
-``ia3``, ``prompt`` and ``prefix`` (export: without the projection, or after ``fold()``), and a
-sequence classifier's head (PEFT's ``modules_to_save``). Export also writes ``vera`` (with the shared
-projections), ``loha``, ``lokr`` and ``oft`` (``nn.Linear`` targets: PEFT's LoHa, LoKr and OFT take no
-``Conv1D``). Methods one side has no equivalent for raise a clear error.
+give PEFT's outputs. Both handle ``lora`` (incl. rslora, PEFT's embedding and conv LoRA, and on
+export every ``init``), ``dora``, ``ia3``, ``prompt`` and ``prefix`` (export: without the projection,
+or after ``fold()``), and a sequence classifier's head (PEFT's ``modules_to_save``). Export also
+writes ``adalora``, ``vera`` (with the shared projections), ``loha``, ``lokr`` and ``oft``
+(``nn.Linear`` targets: PEFT's LoHa, LoKr and OFT take no ``Conv1D``). Methods one side has no
+equivalent for raise a clear error.
+
+A PiSSA / OLoRA LoRA trains beside the residual ``W - s B0 A0``, but the export is loaded onto the
+original weight ``W``: as PEFT's own conversion (``path_initial_model_for_weight_conversion``), it
+is written as the rank-``2r`` LoRA ``A' = [A; A0]``, ``B' = [B, -B0]`` with ``alpha' = 2 alpha``
+(``sqrt(2) alpha`` with rslora), so ``W + s (B A - B0 A0)`` is what our model computes.
+
+An AdaLoRA delta is written with its ``rank_pattern`` (PEFT's format): per target only the kept
+triplets (mask on, or a singular value not zero) of ``lora_A``, ``lora_E``, ``lora_B``; PEFT
+resizes its layers to those ranks on load, keeping the scale ``alpha / init_r``.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from lightning_delta.handle import DeltaModel
 from lightning_delta.methods.lora import LoRAEmbedding
 from lightning_delta.state import TRAINABLE_ATTR, canonical, trainable_module_names
 
-PEFT_METHODS = ("lora", "dora", "ia3", "vera", "loha", "lokr", "oft", "prompt", "prefix")
+PEFT_METHODS = ("lora", "dora", "adalora", "ia3", "vera", "loha", "lokr", "oft", "prompt", "prefix")
 #: Methods whose PEFT layers accept only ``nn.Linear`` among Linear-like targets.
 LINEAR_ONLY = ("loha", "lokr", "oft")
 
@@ -48,6 +58,16 @@ def _saved_modules(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(paths))
 
 
+def _kept_triplets(module: nn.Module) -> torch.Tensor:
+    """AdaLoRA: the triplets that contribute to the output (mask on, or a regrown singular value)."""
+    return module.rank_mask | (module.E.detach().view(-1) != 0)
+
+
+def _relative_to_residual(module: nn.Module) -> bool:
+    """Whether a LoRA delta trains beside a residual weight (PiSSA / OLoRA)."""
+    return getattr(module, "residual", False)
+
+
 def _peft_config(model: nn.Module, name: str):
     import peft
 
@@ -57,6 +77,11 @@ def _peft_config(model: nn.Module, name: str):
     common = {"task_type": _task_type(model), "modules_to_save": _saved_modules(model) or None}
     if config.method in ("lora", "dora"):
         fan_in_fan_out = any(getattr(d.module, "transposed", False) for d in deltas)
+        if _relative_to_residual(deltas[0].module):  # rank 2r, same scale (see the module docstring)
+            alpha = config.alpha * (2**0.5 if config.rslora else 2)
+            return peft.LoraConfig(r=2 * config.r, lora_alpha=alpha, lora_dropout=config.dropout,
+                                   use_rslora=config.rslora, target_modules=targets, fan_in_fan_out=fan_in_fan_out,
+                                   **common)
         return peft.LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                                use_rslora=config.rslora, use_dora=config.method == "dora", target_modules=targets,
                                fan_in_fan_out=fan_in_fan_out, **common)
@@ -79,6 +104,14 @@ def _peft_config(model: nn.Module, name: str):
     if config.method == "oft":
         return peft.OFTConfig(r=0, oft_block_size=config.block_size, use_cayley_neumann=config.cayley_neumann,
                               num_cayley_neumann_terms=config.neumann_terms, target_modules=targets, **common)
+    if config.method == "adalora":
+        fan_in_fan_out = any(d.module.transposed for d in deltas)
+        rank_pattern = {f"{d.target_path}.lora_E": _kept_triplets(d.module).tolist() for d in deltas}
+        return peft.AdaLoraConfig(
+            init_r=config.init_r, target_r=config.target_r, lora_alpha=config.alpha, lora_dropout=config.dropout,
+            tinit=config.tinit, tfinal=config.tfinal, deltaT=config.deltaT, beta1=config.beta1, beta2=config.beta2,
+            orth_reg_weight=config.orth_reg_weight, total_step=config.total_step or config.tinit + config.tfinal + 1,
+            rank_pattern=rank_pattern, target_modules=targets, fan_in_fan_out=fan_in_fan_out, **common)
     if config.method == "ia3":
         return peft.IA3Config(target_modules=targets,
                               feedforward_modules=[d.target_path for d in deltas if d.module.on_input], **common)
@@ -110,9 +143,16 @@ def _tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
                     out[f"{prefix}.lokr_{part}"] = getattr(module, part).detach()
         elif method == "oft":
             out[f"{prefix}.oft_R.weight"] = module.skew.detach()
+        elif method == "adalora":
+            keep = _kept_triplets(module)
+            out[f"{prefix}.lora_A"], out[f"{prefix}.lora_E"] = module.A.detach()[keep], module.E.detach()[keep]
+            out[f"{prefix}.lora_B"] = module.B.detach()[:, keep]
         elif method == "ia3":
             scale = module.scale.detach()
             out[f"{prefix}.ia3_l"] = scale[None, :] if module.on_input else scale[:, None]
+        elif _relative_to_residual(module):  # W_res + s B A = W + s [B, -B0] [A; A0]
+            out[f"{prefix}.lora_A.weight"] = torch.cat([module.A.detach(), module.A0.to(module.A.dtype)], dim=0)
+            out[f"{prefix}.lora_B.weight"] = torch.cat([module.B.detach(), -module.B0.to(module.B.dtype)], dim=1)
         else:
             a, b = ("lora_embedding_A", "lora_embedding_B") if isinstance(module, LoRAEmbedding) else \
                 ("lora_A.weight", "lora_B.weight")

@@ -191,6 +191,7 @@ class DeltaModel:
         peft = [n for n, c in self.configs.items() if c.method == "peft"]
         if peft:
             raise DeltaConfigError(f"set_active does not switch PEFT-backend deltas {peft}; detach them first")
+        self._refuse_residual({d.name for d in self.deltas() if d.name not in chosen}, "switched off")
         for d in self.deltas():
             d.module.active = d.name in chosen
             d.module.requires_grad_(d.name in chosen)
@@ -220,6 +221,7 @@ class DeltaModel:
             raise DeltaConfigError(
                 f"deltas {blocking} would apply to every row of a mixed batch (only unmerged LoRA and IA3 select"
                 " rows): set_active([...]) without them, or unmerge() first")
+        self._refuse_residual({d.name for d in selectable}, "used per row")
         saved = [(d.module, d.module.active) for d in selectable]
         try:
             for d in selectable:
@@ -229,6 +231,14 @@ class DeltaModel:
         finally:
             for module, was_active in saved:
                 module.active, module.row_mask = was_active, None
+
+    def _refuse_residual(self, names: Iterable[str], what: str) -> None:
+        """Deltas that moved part of the frozen weight into themselves (PiSSA / OLoRA) cannot be left out."""
+        residual = sorted({d.name for d in self.deltas() if d.name in names and d.module.weight_offset() is not None})
+        if residual:
+            raise DeltaConfigError(
+                f"deltas {residual} hold part of the frozen weights (LoRA init='pissa'/'olora': the backbone keeps"
+                f" only the residual), so they cannot be {what}; use init='default' or 'gaussian' for switchable tasks")
 
     def combine(self, names: Sequence[str], weights: Sequence[float] | None = None, *, name: str,
                 how: str = "cat", rank: int | None = None, density: float = 0.5, seed: int = 0) -> DeltaModel:
@@ -316,7 +326,7 @@ class DeltaModel:
         for d in selected:
             target = self.model.get_submodule(d.target_path)
             d.module.merge(target)
-            d.module.unhook_from(target)
+            d.module.release(target)
             delattr(target, d.name)
         self.model.__dict__.pop(TRAINABLE_ATTR, None)
         return self.model

@@ -179,11 +179,32 @@ def backbone_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {canonical(k): t for k, t in state_tensors(model).items() if not _under(k, owners)}
 
 
+def weight_offsets(model: nn.Module) -> dict[str, list[torch.Tensor]]:
+    """Per canonical backbone key, what attached deltas subtracted from that weight (PiSSA / OLoRA residuals)."""
+    out: dict[str, list[torch.Tensor]] = {}
+    for d in iter_deltas(model):
+        offset = d.module.weight_offset()
+        if offset is not None:
+            out.setdefault(canonical(f"{d.target_path}.weight" if d.target_path else "weight"), []).append(offset)
+    return out
+
+
+def _original_samples(key: str, tensor: torch.Tensor, offsets: Mapping[str, list[torch.Tensor]]) -> list[float]:
+    """Sampled values of ``tensor`` as the backbone had them before any delta changed it."""
+    if key not in offsets:
+        return _samples(tensor)
+    original = tensor.detach().float()
+    for offset in offsets[key]:
+        original = original + offset.to(original.device)
+    return _samples(original)
+
+
 def fingerprint(model: nn.Module) -> dict[str, Any]:
     """A cheap description of a backbone: names and shapes of its own tensors, its source, a few values.
 
     Delta tensors are left out; values are sampled from frozen floating-point parameters only
-    (trainable ones change in training), so the fingerprint is stable while training. Sharded
+    (trainable ones change in training), so the fingerprint is stable while training, and as the
+    backbone had them before attach (a PiSSA / OLoRA residual is added back). Sharded
     (DTensor) parameters are not sampled: that would gather them; their shapes are still recorded.
     """
     tensors = backbone_tensors(model)
@@ -196,11 +217,12 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
     last = len(frozen) - 1
     picks = [frozen[round(i * last / (_SAMPLED_TENSORS - 1))] for i in range(_SAMPLED_TENSORS)] if frozen else []
     config = getattr(model, "config", None)
+    offsets = weight_offsets(model)
     return {
         "class": type(model).__name__,
         "source": getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None,
         "shapes": {k: list(t.shape) for k, t in tensors.items()},
-        "samples": {k: _samples(tensors[k]) for k in dict.fromkeys(picks)},
+        "samples": {k: _original_samples(k, tensors[k], offsets) for k in dict.fromkeys(picks)},
     }
 
 
@@ -235,10 +257,11 @@ def compare_fingerprint(recorded: Mapping[str, Any], model: nn.Module) -> list[s
             f" {recorded.get('source')!r}); {len(problems)} tensors differ, first: {problems[:5]}."
             " Build the backbone the checkpoint names, then load the delta"
         )
+    offsets = weight_offsets(model)
     differ = [
         k
         for k, values in recorded.get("samples", {}).items()
-        if not _is_sharded(tensors[k]) and not _close(values, _samples(tensors[k]))
+        if not _is_sharded(tensors[k]) and not _close(values, _original_samples(k, tensors[k], offsets))
     ]
     if differ:
         return [

@@ -259,3 +259,18 @@ def test_no_graph_breaks_after_switching_or_merging_and_compiled_matches_eager()
         assert explanation.graph_break_count == 0, (step, explanation.break_reasons)
         compiled = torch.compile(forward, backend="aot_eager", fullgraph=True)
         torch.testing.assert_close(compiled(inputs["input_ids"]), forward(inputs["input_ids"]), rtol=1e-5, atol=1e-5)
+
+
+def test_residual_inits_cannot_be_switched_off_but_merge_and_unload_keeps_their_update():
+    model = tiny_llama().eval()
+    ids = family_inputs("llama")["input_ids"]
+    handle = randomize(attach(model, [LoraConfig(r=2, name="p", init="pissa"), LoraConfig(r=2, name="q")]))
+    for call, what in [(lambda: handle.set_active("q"), "switched off"),
+                       (lambda: handle.mixed_batch(["p", None]).__enter__(), "used per row"),
+                       (lambda: handle.combine(["p", "q"], name="pq"), "residual weight")]:
+        with pytest.raises(DeltaConfigError, match=what):
+            call()
+    tuned = model(input_ids=ids).logits
+    plain = handle.merge_and_unload()
+    assert not DeltaModel(plain).deltas() and not any("lora" in k or ".p." in k for k in plain.state_dict())
+    torch.testing.assert_close(plain(input_ids=ids).logits, tuned, rtol=1e-5, atol=1e-5)

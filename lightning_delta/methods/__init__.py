@@ -8,6 +8,7 @@ from typing import Any
 
 from lightning_delta.core import DeltaConfig
 from lightning_delta.errors import DeltaConfigError
+from lightning_delta.methods.adalora import AdaLoraConfig
 from lightning_delta.methods.adapter import AdapterConfig
 from lightning_delta.methods.bitfit import BitFitConfig
 from lightning_delta.methods.compacter import CompacterConfig
@@ -30,7 +31,8 @@ METHODS: dict[str, type[DeltaConfig]] = {
     config.method: config
     for config in (LoraConfig, DoraConfig, IA3Config, BitFitConfig, LayerNormConfig, AdapterConfig,
                    ParallelAdapterConfig, LowRankAdapterConfig, CompacterConfig, PromptConfig,
-                   PrefixConfig, NewTokensConfig, PeftDeltaConfig, VeraConfig, LohaConfig, LokrConfig, OftConfig)
+                   PrefixConfig, NewTokensConfig, PeftDeltaConfig, VeraConfig, LohaConfig, LokrConfig, OftConfig,
+                   AdaLoraConfig)
 }
 
 

@@ -21,10 +21,15 @@ from lightning_delta.targets import is_linear_like
 
 @dataclass
 class DoraConfig(LoraConfig):
-    """DoRA takes LoRA's hyper-parameters (r, alpha, dropout, rslora)."""
+    """DoRA takes LoRA's hyper-parameters (r, alpha, dropout, rslora; init 'default' or 'gaussian')."""
 
     method = "dora"
     supported_types = "nn.Linear and transformers Conv1D"
+
+    def validate(self) -> None:
+        super().validate()
+        self.check_range("init", self.init, self.init in ("default", "gaussian"),
+                         "'default' or 'gaussian' (DoRA's magnitude is taken from the unchanged weight)")
 
     def supports(self, module: nn.Module) -> bool:
         return is_linear_like(module)

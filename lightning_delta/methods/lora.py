@@ -5,6 +5,24 @@
 init, so the attached model computes exactly what the backbone did. Supported targets:
 ``nn.Linear``, transformers' ``Conv1D`` (GPT-2, weight stored ``(in, out)``), ``nn.Embedding``
 and ``nn.Conv2d`` (``A`` is a conv with the target's kernel, ``B`` a 1x1 conv).
+
+Initialisations (``init``), as PEFT's ``init_lora_weights``:
+
+* ``"default"``: ``A`` Kaiming-uniform, ``B = 0``.
+* ``"gaussian"``: ``A ~ N(0, (1/r)^2)`` (standard deviation ``1/r``), ``B = 0``.
+* ``"pissa"`` (Meng et al., 2024): ``s B0 A0`` is the best rank-``r`` approximation of ``W`` (top
+  singular triplets, ``A0 = sqrt(S_r / s) V_r^T``, ``B0 = U_r sqrt(S_r / s)``).
+* ``"olora"`` (Büyükakyüz, 2024): ``W = Q R``; ``B0`` = the first ``r`` columns of ``Q``, ``A0``
+  the first ``r`` rows of ``R``.
+
+PiSSA and OLoRA start with a non-zero update, so at attach the frozen weight becomes the residual
+``W - s B0 A0`` (the model still computes what the backbone did, up to float rounding), and
+detach adds ``s B0 A0`` back (in float32: exact up to the rounding of the weight's dtype, which
+for a bf16/fp16 backbone holding the residual is that dtype's precision). ``A0`` and ``B0`` stay
+as non-persistent buffers: recomputed from the original weight at every attach (so a delta-only
+checkpoint needs no extra tensors), and used to write a PEFT export relative to the original
+weight (rank ``2r``, as PEFT's conversion).
+They need linear-like targets holding real (non-meta, unsharded) weights at attach.
 """
 
 from __future__ import annotations
@@ -16,8 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_delta.core import Delta, DeltaConfig, kaiming_
+from lightning_delta.core import Delta, DeltaConfig, fill_, kaiming_
+from lightning_delta.errors import UnsupportedModuleError
 from lightning_delta.targets import is_linear_like
+
+#: ``init`` values; the last two replace the frozen weight by a residual at attach.
+LORA_INITS = ("default", "gaussian", "pissa", "olora")
+RESIDUAL_INITS = ("pissa", "olora")
 
 
 @dataclass
@@ -29,6 +52,9 @@ class LoraConfig(DeltaConfig):
         alpha: scaling numerator; the update is scaled by ``alpha / r``.
         dropout: dropout on the LoRA branch's input, in ``[0, 1)``.
         rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA) instead.
+        init: initial values, one of ``"default"``, ``"gaussian"``, ``"pissa"``, ``"olora"`` (see the
+            module docstring); ``"pissa"`` and ``"olora"`` need ``nn.Linear`` / ``Conv1D`` targets
+            and ``r <= min(in, out)``.
     """
 
     method = "lora"
@@ -38,8 +64,10 @@ class LoraConfig(DeltaConfig):
     alpha: float = 16.0
     dropout: float = 0.0
     rslora: bool = False
+    init: str = "default"
 
     def validate(self) -> None:
+        self.check_range("init", self.init, self.init in LORA_INITS, f"one of {', '.join(map(repr, LORA_INITS))}")
         self.check_range("r", self.r, isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
                          "a positive integer, e.g. r=8")
         self.check_range("alpha", self.alpha, isinstance(self.alpha, (int, float)) and self.alpha > 0,
@@ -57,13 +85,20 @@ class LoraConfig(DeltaConfig):
         return is_linear_like(module) or isinstance(module, nn.Embedding)
 
     def build(self, module: nn.Module, seed: int, path: str = "") -> LoRA:
+        if self.init in RESIDUAL_INITS and not is_linear_like(module):
+            raise UnsupportedModuleError(
+                f"lora init={self.init!r} decomposes a linear weight; {path or 'a target'} is a"
+                f" {type(module).__name__}: exclude it or use init='default' / 'gaussian'")
         if isinstance(module, nn.Embedding):
             delta: LoRA = LoRAEmbedding(self, module)
         elif isinstance(module, nn.Conv2d):
             delta = LoRAConv2d(self, module)
         else:
             delta = LoRALinear(self, module)
-        return delta.seeded(seed)
+        delta.seeded(seed)
+        if self.init in RESIDUAL_INITS:
+            delta.init_from_weight(module, path)
+        return delta
 
 
 class LoRA(Delta):
@@ -81,13 +116,18 @@ class LoRA(Delta):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """``A`` Kaiming-uniform (as ``nn.Linear`` and PEFT) drawn from ``init_seed``, ``B`` zero.
+        """``A`` Kaiming-uniform (as ``nn.Linear`` and PEFT) or Gaussian drawn from ``init_seed``, ``B`` zero.
 
         The delta starts as the identity, with the same values on every rank; Lightning calls this
-        when it materialises a model built on the meta device.
+        when it materialises a model built on the meta device. PiSSA / OLoRA factors come from the
+        target's weight instead (:meth:`LoRALinear.init_from_weight`).
         """
         self.B.zero_()
-        kaiming_(self.A, self.generator())
+        if self.config.init == "gaussian":
+            generator, std = self.generator(), 1 / self.config.r
+            fill_(self.A, lambda t: t.normal_(0.0, std, generator=generator))
+        else:
+            kaiming_(self.A, self.generator())
 
     def add(self, output: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         """``output + update``; in a mixed batch only on the rows that select this delta."""
@@ -119,6 +159,66 @@ class LoRALinear(LoRA):
         out_features, in_features = target.weight.shape[::-1] if transposed else target.weight.shape
         super().__init__(config, target, (config.r, in_features), (out_features, config.r))
         self.transposed = transposed
+        self.residual = config.init in RESIDUAL_INITS
+        if self.residual:  # the initial factors, subtracted from the weight at attach (not saved)
+            self.register_buffer("A0", torch.zeros_like(self.A), persistent=False)
+            self.register_buffer("B0", torch.zeros_like(self.B), persistent=False)
+
+    @torch.no_grad()
+    def init_from_weight(self, target: nn.Module, path: str = "") -> None:
+        """PiSSA / OLoRA: ``A``, ``B`` (and the buffers ``A0``, ``B0``) from the target's weight, as PEFT.
+
+        Computed in float32 from the ``(out, in)`` weight; deterministic given the weight, so a
+        fresh backbone gets the same factors again when a checkpoint is loaded.
+        """
+        weight = target.weight
+        if weight.device.type == "meta" or type(weight).__name__ == "DTensor":
+            raise UnsupportedModuleError(
+                f"lora init={self.config.init!r} needs {path or 'the target'}'s weight values at attach, not a"
+                " meta or sharded tensor: attach after the pretrained weights are loaded, before sharding")
+        rank, scale = self.config.r, self.scale
+        w = (weight.T if self.transposed else weight).float()
+        if rank > min(w.shape):
+            raise UnsupportedModuleError(
+                f"lora init={self.config.init!r} needs r <= min(in, out); {path or 'a target'} is"
+                f" {w.shape[1]} -> {w.shape[0]}, r={rank}")
+        if self.config.init == "pissa":
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            root = torch.sqrt(s[:rank] / scale)
+            a, b = root[:, None] * vh[:rank], u[:, :rank] * root[None, :]
+        else:  # olora
+            q, r = torch.linalg.qr(w)
+            a, b = r[:rank], q[:, :rank]
+        for param, value in ((self.A, a), (self.B, b), (self.A0, a), (self.B0, b)):
+            param.copy_(value)
+
+    def weight_offset(self) -> torch.Tensor | None:
+        """``s B0 A0`` in the target weight's layout: what attach took out of the weight (PiSSA / OLoRA)."""
+        if not self.residual:
+            return None
+        offset = (self.B0.float() @ self.A0.float()) * self.scale
+        return offset.T if self.transposed else offset
+
+    def _shift_weight(self, target: nn.Module, sign: int) -> None:
+        offset = self.weight_offset()
+        if offset is not None:
+            with torch.no_grad():
+                weight = target.weight
+                weight.copy_((weight.float() + sign * offset.to(weight.device)).to(weight.dtype))
+
+    def hook_into(self, target: nn.Module) -> None:
+        """Installs the hook; PiSSA / OLoRA also replace the weight by the residual ``W - s B0 A0``."""
+        super().hook_into(target)
+        self._shift_weight(target, -1)
+
+    def unhook_from(self, target: nn.Module) -> None:
+        """Removes the hook; PiSSA / OLoRA add ``s B0 A0`` back, restoring the original weight."""
+        super().unhook_from(target)
+        self._shift_weight(target, +1)
+
+    def release(self, target: nn.Module) -> None:
+        """After a merge the weight is ``W - s B0 A0 + s B A``, the tuned weight: it stays as it is."""
+        Delta.unhook_from(self, target)
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """``output + s * dropout(x) @ A.T @ B.T``; x ``(..., in)``, output ``(..., out)``.
