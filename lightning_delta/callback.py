@@ -23,8 +23,8 @@ from lightning_delta.distributed import AttachAfterConfigureModel, install_wrap_
 from lightning_delta.errors import DeltaConfigError, DeltaStateError
 from lightning_delta.handle import DeltaModel, ensure_attached, to_configs
 from lightning_delta.methods.adalora import RankAllocator
-from lightning_delta.precision import KeepTrainableFp32
-from lightning_delta.state import compare_fingerprint
+from lightning_delta.precision import KeepDeltasThroughLayerSwap, KeepTrainableFp32
+from lightning_delta.state import compare_fingerprint, trainable_module_names
 from lightning_delta.targets import normalize_patterns
 
 try:  # let LightningCLI / jsonargparse accept `class_path: lightning_delta.LoraConfig` for a DeltaConfig
@@ -33,6 +33,11 @@ try:  # let LightningCLI / jsonargparse accept `class_path: lightning_delta.Lora
     set_parsing_settings(subclasses_enabled=[DeltaConfig])
 except (ImportError, TypeError):  # pragma: no cover - jsonargparse missing or too old: Python use still works
     pass
+
+
+def _is_bitsandbytes(plugin: Any) -> bool:
+    """Whether ``plugin`` is Lightning's ``BitsandbytesPrecision`` (imported only if bitsandbytes is)."""
+    return type(plugin).__name__ == "BitsandbytesPrecision" and hasattr(plugin, "ignore_modules")
 
 
 def find_backbone(pl_module: nn.Module) -> str:
@@ -172,6 +177,15 @@ class DeltaCallback(Callback):
         else:
             self.attach(pl_module)  # setup runs for every stage: attach is idempotent
         plugin = trainer.strategy.precision_plugin
+        if _is_bitsandbytes(plugin) and not isinstance(plugin.convert_module, KeepDeltasThroughLayerSwap):
+            # the plugin swaps every nn.Linear for a quantized layer after this hook: keep the deltas, and
+            # leave modules trained whole in full precision
+            path = self.backbone_path(pl_module)
+            backbone = pl_module.get_submodule(path)
+            prefix = f"{path}." if path else ""
+            plugin.ignore_modules = set(plugin.ignore_modules) | {
+                prefix + name for name in trainable_module_names(backbone, self._trainable)}
+            plugin.convert_module = KeepDeltasThroughLayerSwap(plugin.convert_module, path)
         if isinstance(plugin, HalfPrecision) and not isinstance(plugin.convert_module, KeepTrainableFp32):
             # Lightning casts the whole module after this hook; trained tensors must stay fp32.
             plugin.convert_module = KeepTrainableFp32(plugin.convert_module, plugin._desired_input_dtype)

@@ -214,10 +214,11 @@ class Delta(nn.Module):
                 for extra in extras:
                     extra.pop(key, None)
 
-    def release(self, target: nn.Module) -> None:
-        """Removes this delta's hooks from a target it was merged into, keeping the merged weights
-        (``merge_and_unload``); deltas that changed the target at attach leave that change in."""
-        self.unhook_from(target)
+    def on_attach(self, target: nn.Module) -> None:
+        """Called once after the hooks are installed at attach: changes to the target itself (none here)."""
+
+    def on_detach(self, target: nn.Module) -> None:
+        """Called once before the hooks are removed at detach: undoes :meth:`on_attach`."""
 
     def weight_offset(self) -> torch.Tensor | None:
         """What attach subtracted from the target's ``weight`` (in its layout), restored at detach.
@@ -322,6 +323,7 @@ def attach_config(model: nn.Module, config: DeltaConfig, seed: int | None = None
         delta.config = config
         target.add_module(name, delta)
         delta.hook_into(target)
+        delta.on_attach(target)
     return name
 
 
@@ -335,8 +337,18 @@ def detach_delta(model: nn.Module, name: str) -> None:
         target = model.get_submodule(d.target_path)
         if d.module.merged:
             d.module.unmerge(target)
+        d.module.on_detach(target)
         d.module.unhook_from(target)
         delattr(target, d.name)
+
+
+def _quantized(target: nn.Module) -> str | None:
+    """Why a target's weight cannot take a merge: it is stored quantized (bitsandbytes), or ``None``."""
+    weight = getattr(target, "weight", None)
+    if isinstance(weight, torch.Tensor) and (not weight.is_floating_point() or hasattr(weight, "quant_state")):
+        return (f"its weight is quantized ({type(weight).__name__}, {weight.dtype}): merging would re-quantize"
+                " and lose the update; merge into a floating-point copy of the backbone, or export the delta")
+    return None
 
 
 def check_merge(model: nn.Module, deltas: Iterable[AttachedDelta]) -> None:
@@ -344,7 +356,8 @@ def check_merge(model: nn.Module, deltas: Iterable[AttachedDelta]) -> None:
     blocked = [
         f"{d.path} ({reason})"
         for d in deltas
-        if (reason := d.module.merge_blocker(model.get_submodule(d.target_path))) is not None
+        if (reason := _quantized(model.get_submodule(d.target_path)) or
+            d.module.merge_blocker(model.get_submodule(d.target_path))) is not None
     ]
     if blocked:
         raise MergeError(

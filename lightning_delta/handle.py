@@ -326,7 +326,7 @@ class DeltaModel:
         for d in selected:
             target = self.model.get_submodule(d.target_path)
             d.module.merge(target)
-            d.module.release(target)
+            d.module.unhook_from(target)  # no on_detach: the merged weight is the tuned one
             delattr(target, d.name)
         self.model.__dict__.pop(TRAINABLE_ATTR, None)
         return self.model

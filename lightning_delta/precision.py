@@ -2,6 +2,9 @@
 
 * Delta modules keep their ``storage_dtype`` (fp32 by default) through any ``.to()`` / ``.half()``
   (see :meth:`lightning_delta.core.Delta._apply`) and cast at their boundary.
+* Under Lightning's ``BitsandbytesPrecision`` (QLoRA), the plugin swaps every ``nn.Linear`` for a
+  new 4-/8-bit layer object after the deltas were attached: :class:`KeepDeltasThroughLayerSwap`
+  moves each delta onto its target's replacement, and modules trained whole are left unquantized.
 * Backbone modules made trainable (``trainable=["classifier"]``) would otherwise be trained in
   bf16/fp16, losing small updates: :func:`keep_trainable_fp32` gives them fp32 parameters (the
   optimizer's master copy) and runs them in fp32 between two casts, so their neighbours still
@@ -16,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from lightning_delta.core import iter_deltas
 from lightning_delta.targets import candidate_modules
 
 
@@ -76,4 +80,35 @@ class KeepTrainableFp32:
     def __call__(self, module: nn.Module) -> nn.Module:
         module = self.convert_module(module)
         keep_trainable_fp32(module, self.dtype)
+        return module
+
+
+class KeepDeltasThroughLayerSwap:
+    """Wraps a precision plugin's ``convert_module`` that replaces layers by new objects (bitsandbytes).
+
+    The replaced layers would drop their delta children and hooks; after the conversion each delta
+    moves onto its target's replacement (the deltas stay full-precision modules, untouched by the
+    quantization), and the backbone is frozen again (the new layers' parameters default to trainable).
+    """
+
+    def __init__(self, convert_module: Any, backbone_path: str) -> None:
+        self.convert_module = convert_module
+        self.backbone_path = backbone_path
+
+    def __call__(self, module: nn.Module) -> nn.Module:
+        from lightning_delta.handle import DeltaModel
+        from lightning_delta.state import TRAINABLE_ATTR
+
+        placed = [(d, module.get_submodule(d.target_path)) for d in iter_deltas(module)]
+        module = self.convert_module(module)
+        for d, old in placed:
+            new = module.get_submodule(d.target_path)
+            if new is old:
+                continue
+            d.module.unhook_from(old)
+            delattr(old, d.name)
+            new.add_module(d.name, d.module)
+            d.module.hook_into(new)
+        backbone = module.get_submodule(self.backbone_path)
+        DeltaModel(backbone).freeze_backbone(getattr(backbone, TRAINABLE_ATTR, ()))
         return module

@@ -199,6 +199,13 @@ def _original_samples(key: str, tensor: torch.Tensor, offsets: Mapping[str, list
     return _samples(original)
 
 
+def logical_shape(tensor: torch.Tensor) -> list[int]:
+    """The shape a tensor stands for: a bitsandbytes 4-bit weight stores packed bytes but records it."""
+    quant_state = getattr(tensor, "quant_state", None)
+    shape = getattr(quant_state, "shape", None)
+    return list(shape) if shape is not None else list(tensor.shape)
+
+
 def fingerprint(model: nn.Module) -> dict[str, Any]:
     """A cheap description of a backbone: names and shapes of its own tensors, its source, a few values.
 
@@ -221,7 +228,7 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
     return {
         "class": type(model).__name__,
         "source": getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None,
-        "shapes": {k: list(t.shape) for k, t in tensors.items()},
+        "shapes": {k: logical_shape(t) for k, t in tensors.items()},
         "samples": {k: _original_samples(k, tensors[k], offsets) for k in dict.fromkeys(picks)},
     }
 
@@ -247,9 +254,9 @@ def compare_fingerprint(recorded: Mapping[str, Any], model: nn.Module) -> list[s
     problems = [f"{k}: missing from this model" for k in shapes if k not in tensors]
     problems += [f"{k}: not in the checkpoint's backbone" for k in tensors if k not in shapes]
     problems += [
-        f"{k}: shape {tuple(tensors[k].shape)} here, {tuple(s)} in the checkpoint's backbone"
+        f"{k}: shape {tuple(logical_shape(tensors[k]))} here, {tuple(s)} in the checkpoint's backbone"
         for k, s in shapes.items()
-        if k in tensors and list(tensors[k].shape) != list(s)
+        if k in tensors and logical_shape(tensors[k]) != list(s)
     ]
     if problems:
         raise DeltaStateError(

@@ -206,19 +206,13 @@ class LoRALinear(LoRA):
                 weight = target.weight
                 weight.copy_((weight.float() + sign * offset.to(weight.device)).to(weight.dtype))
 
-    def hook_into(self, target: nn.Module) -> None:
-        """Installs the hook; PiSSA / OLoRA also replace the weight by the residual ``W - s B0 A0``."""
-        super().hook_into(target)
+    def on_attach(self, target: nn.Module) -> None:
+        """PiSSA / OLoRA replace the weight by the residual ``W - s B0 A0``."""
         self._shift_weight(target, -1)
 
-    def unhook_from(self, target: nn.Module) -> None:
-        """Removes the hook; PiSSA / OLoRA add ``s B0 A0`` back, restoring the original weight."""
-        super().unhook_from(target)
+    def on_detach(self, target: nn.Module) -> None:
+        """PiSSA / OLoRA add ``s B0 A0`` back, restoring the original weight."""
         self._shift_weight(target, +1)
-
-    def release(self, target: nn.Module) -> None:
-        """After a merge the weight is ``W - s B0 A0 + s B A``, the tuned weight: it stays as it is."""
-        Delta.unhook_from(self, target)
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """``output + s * dropout(x) @ A.T @ B.T``; x ``(..., in)``, output ``(..., out)``.
