@@ -86,6 +86,23 @@ class DeltaConfig:
     def tie(self, deltas: list[Delta]) -> None:
         """Shares tensors across the deltas of one attach (e.g. Compacter's hypercomplex rules); no-op."""
 
+    def peft_config(self, deltas: list[AttachedDelta], **common: Any) -> Any:
+        """This delta as a ``peft.PeftConfig`` for :func:`~lightning_delta.export.export_peft`.
+
+        Args:
+            deltas: the delta's modules in the model.
+            **common: ``task_type`` and ``modules_to_save``, for every PEFT config.
+
+        Raises:
+            DeltaConfigError: PEFT has no equivalent of this method.
+        """
+        raise DeltaConfigError(f"PEFT has no equivalent of {self.method!r}")
+
+    @classmethod
+    def exports_to_peft(cls) -> bool:
+        """Whether :meth:`peft_config` is implemented."""
+        return cls.peft_config is not DeltaConfig.peft_config
+
     def preset(self, model: nn.Module) -> list[str]:
         """Targets used when ``targets`` is ``None``: the attention query and value projections."""
         return preset(ATTENTION_PRESETS, model, self.method, "query and value projections")
@@ -214,6 +231,10 @@ class Delta(nn.Module):
                 for extra in extras:
                     extra.pop(key, None)
 
+    def peft_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        """This delta's tensors under PEFT's names; ``prefix`` is ``base_model.model.<target path>``."""
+        raise DeltaConfigError(f"PEFT has no equivalent of {self.config.method!r}")
+
     def on_attach(self, target: nn.Module) -> None:
         """Called once after the hooks are installed at attach: changes to the target itself (none here)."""
 
@@ -281,6 +302,14 @@ def delta_seed(seed: int, path: str) -> int:
     so no broadcast is needed (FSDP does not broadcast initial values).
     """
     return (seed * 1_000_003 + zlib.crc32(path.encode())) % 2**63
+
+
+def require_linear(method: str, deltas: Iterable[AttachedDelta]) -> None:
+    """For PEFT exports of methods whose PEFT layers take only ``nn.Linear``: refuses ``Conv1D`` targets."""
+    transposed = [d.target_path for d in deltas if getattr(d.module, "transposed", False)]
+    if transposed:
+        raise DeltaConfigError(f"PEFT's {method} takes only nn.Linear targets, not the Conv1D {transposed[:3]}:"
+                               " this delta cannot be exported to PEFT's format")
 
 
 def _free_name(model: nn.Module, config: DeltaConfig) -> str:

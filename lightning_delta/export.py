@@ -31,12 +31,13 @@ from torch import nn
 from lightning_delta.core import iter_deltas
 from lightning_delta.errors import CheckpointReadError, DeltaConfigError
 from lightning_delta.handle import DeltaModel
-from lightning_delta.methods.lora import LoRAEmbedding
 from lightning_delta.state import TRAINABLE_ATTR, canonical, trainable_module_names
 
-PEFT_METHODS = ("lora", "dora", "adalora", "ia3", "vera", "loha", "lokr", "oft", "prompt", "prefix")
-#: Methods whose PEFT layers accept only ``nn.Linear`` among Linear-like targets.
-LINEAR_ONLY = ("loha", "lokr", "oft")
+def peft_methods() -> list[str]:
+    """The registered methods :func:`export_peft` can write (those whose config implements ``peft_config``)."""
+    from lightning_delta.methods import METHODS
+
+    return [name for name, cls in METHODS.items() if cls.exports_to_peft()]
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -58,107 +59,16 @@ def _saved_modules(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(paths))
 
 
-def _kept_triplets(module: nn.Module) -> torch.Tensor:
-    """AdaLoRA: the triplets that contribute to the output (mask on, or a regrown singular value)."""
-    return module.rank_mask | (module.E.detach().view(-1) != 0)
-
-
-def _relative_to_residual(module: nn.Module) -> bool:
-    """Whether a LoRA delta trains beside a residual weight (PiSSA / OLoRA)."""
-    return getattr(module, "residual", False)
-
-
 def _peft_config(model: nn.Module, name: str):
-    import peft
-
     deltas = list(iter_deltas(model, name))
-    config = deltas[0].module.config
-    targets = [d.target_path for d in deltas]
     common = {"task_type": _task_type(model), "modules_to_save": _saved_modules(model) or None}
-    if config.method in ("lora", "dora"):
-        fan_in_fan_out = any(getattr(d.module, "transposed", False) for d in deltas)
-        if _relative_to_residual(deltas[0].module):  # rank 2r, same scale (see the module docstring)
-            alpha = config.alpha * (2**0.5 if config.rslora else 2)
-            return peft.LoraConfig(r=2 * config.r, lora_alpha=alpha, lora_dropout=config.dropout,
-                                   use_rslora=config.rslora, target_modules=targets, fan_in_fan_out=fan_in_fan_out,
-                                   **common)
-        return peft.LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                               use_rslora=config.rslora, use_dora=config.method == "dora", target_modules=targets,
-                               fan_in_fan_out=fan_in_fan_out, **common)
-    if config.method in LINEAR_ONLY:
-        transposed = [d.target_path for d in deltas if getattr(d.module, "transposed", False)]
-        if transposed:
-            raise DeltaConfigError(
-                f"PEFT's {config.method} takes only nn.Linear targets, not the Conv1D {transposed[:3]}:"
-                f" this delta cannot be exported to PEFT's format")
-    if config.method == "vera":
-        return peft.VeraConfig(r=config.r, target_modules=targets, vera_dropout=config.dropout,
-                               d_initial=config.d_initial, save_projection=True,
-                               projection_prng_key=config.projection_seed or 0,
-                               fan_in_fan_out=any(d.module.transposed for d in deltas), **common)
-    if config.method == "loha":
-        return peft.LoHaConfig(r=config.r, alpha=config.alpha, target_modules=targets, **common)
-    if config.method == "lokr":
-        return peft.LoKrConfig(r=config.r, alpha=config.alpha, decompose_both=config.decompose_both,
-                               decompose_factor=config.decompose_factor, target_modules=targets, **common)
-    if config.method == "oft":
-        return peft.OFTConfig(r=0, oft_block_size=config.block_size, use_cayley_neumann=config.cayley_neumann,
-                              num_cayley_neumann_terms=config.neumann_terms, target_modules=targets, **common)
-    if config.method == "adalora":
-        fan_in_fan_out = any(d.module.transposed for d in deltas)
-        rank_pattern = {f"{d.target_path}.lora_E": _kept_triplets(d.module).tolist() for d in deltas}
-        return peft.AdaLoraConfig(
-            init_r=config.init_r, target_r=config.target_r, lora_alpha=config.alpha, lora_dropout=config.dropout,
-            tinit=config.tinit, tfinal=config.tfinal, deltaT=config.deltaT, beta1=config.beta1, beta2=config.beta2,
-            orth_reg_weight=config.orth_reg_weight, total_step=config.total_step or config.tinit + config.tfinal + 1,
-            rank_pattern=rank_pattern, target_modules=targets, fan_in_fan_out=fan_in_fan_out, **common)
-    if config.method == "ia3":
-        return peft.IA3Config(target_modules=targets,
-                              feedforward_modules=[d.target_path for d in deltas if d.module.on_input], **common)
-    extra = {"num_transformer_submodules": 1} if common["task_type"] == "SEQ_2_SEQ_LM" else {}
-    if config.method == "prompt":
-        return peft.PromptTuningConfig(num_virtual_tokens=config.num_virtual_tokens, **common, **extra)
-    if config.projection:
-        raise DeltaConfigError("export the prefix after model.prefix.fold(): PEFT's format holds plain prefixes")
-    return peft.PrefixTuningConfig(num_virtual_tokens=config.num_virtual_tokens, **common)
+    return deltas[0].module.config.peft_config(deltas, **common)
 
 
 def _tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     for d in iter_deltas(model, name):
-        module, prefix = d.module, f"base_model.model.{d.target_path}"
-        method = module.config.method
-        if method in ("prompt", "prefix"):
-            out["prompt_embeddings"] = module.states().detach()
-        elif method == "vera":
-            out[f"{prefix}.vera_lambda_d"] = module.lambda_d.detach()
-            out[f"{prefix}.vera_lambda_b"] = module.lambda_b.detach()
-            out["base_model.vera_A"], out["base_model.vera_B"] = module.A.detach(), module.B.detach()
-        elif method == "loha":
-            for part in ("w1_a", "w1_b", "w2_a", "w2_b"):
-                out[f"{prefix}.hada_{part}"] = getattr(module, part).detach()
-        elif method == "lokr":
-            for part in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b"):
-                if isinstance(getattr(module, part, None), torch.Tensor):
-                    out[f"{prefix}.lokr_{part}"] = getattr(module, part).detach()
-        elif method == "oft":
-            out[f"{prefix}.oft_R.weight"] = module.skew.detach()
-        elif method == "adalora":
-            keep = _kept_triplets(module)
-            out[f"{prefix}.lora_A"], out[f"{prefix}.lora_E"] = module.A.detach()[keep], module.E.detach()[keep]
-            out[f"{prefix}.lora_B"] = module.B.detach()[:, keep]
-        elif method == "ia3":
-            scale = module.scale.detach()
-            out[f"{prefix}.ia3_l"] = scale[None, :] if module.on_input else scale[:, None]
-        elif _relative_to_residual(module):  # W_res + s B A = W + s [B, -B0] [A; A0]
-            out[f"{prefix}.lora_A.weight"] = torch.cat([module.A.detach(), module.A0.to(module.A.dtype)], dim=0)
-            out[f"{prefix}.lora_B.weight"] = torch.cat([module.B.detach(), -module.B0.to(module.B.dtype)], dim=1)
-        else:
-            a, b = ("lora_embedding_A", "lora_embedding_B") if isinstance(module, LoRAEmbedding) else \
-                ("lora_A.weight", "lora_B.weight")
-            out[f"{prefix}.{a}"], out[f"{prefix}.{b}"] = module.A.detach(), module.B.detach()
-            if method == "dora":
-                out[f"{prefix}.lora_magnitude_vector"] = module.magnitude.detach()
+        out.update(d.module.peft_state(f"base_model.model.{d.target_path}"))
     for path in _saved_modules(model):
         state = model.get_submodule(path).state_dict()
         out.update({f"base_model.model.{path}.{k}": v.detach() for k, v in state.items()})
@@ -185,8 +95,8 @@ def export_peft(model: nn.Module, directory: str | Path, name: str | None = None
     if name not in handle.configs:
         raise DeltaConfigError(f"no delta named {name!r}; attached: {names}")
     method = handle.configs[name].method
-    if method not in PEFT_METHODS:
-        raise DeltaConfigError(f"PEFT has no equivalent of {method!r}; exportable methods: {list(PEFT_METHODS)}")
+    if not type(handle.configs[name]).exports_to_peft():
+        raise DeltaConfigError(f"PEFT has no equivalent of {method!r}; exportable methods: {peft_methods()}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _peft_config(model, name).save_pretrained(str(directory))

@@ -108,6 +108,18 @@ class AdaLoraConfig(DeltaConfig):
     def scale(self) -> float:
         return self.alpha / (self.init_r + _EPS)
 
+    def peft_config(self, deltas: list, **common):
+        import peft
+
+        # PEFT's format holds only the kept triplets, and PEFT resizes its layers to them on load
+        rank_pattern = {f"{d.target_path}.lora_E": d.module.kept_triplets().tolist() for d in deltas}
+        return peft.AdaLoraConfig(
+            init_r=self.init_r, target_r=self.target_r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+            tinit=self.tinit, tfinal=self.tfinal, deltaT=self.deltaT, beta1=self.beta1, beta2=self.beta2,
+            orth_reg_weight=self.orth_reg_weight, total_step=self.total_step or self.tinit + self.tfinal + 1,
+            rank_pattern=rank_pattern, target_modules=[d.target_path for d in deltas],
+            fan_in_fan_out=any(d.module.transposed for d in deltas), **common)
+
     def supports(self, module: nn.Module) -> bool:
         return is_linear_like(module)
 
@@ -151,6 +163,15 @@ class AdaLoRA(Delta):
     def apply_mask(self) -> None:
         """Zeroes the singular values of pruned triplets."""
         self.E.masked_fill_(~self.rank_mask[:, None], 0.0)
+
+    def kept_triplets(self) -> torch.Tensor:
+        """The triplets that contribute to the output (mask on, or a regrown singular value)."""
+        return self.rank_mask | (self.E.detach().view(-1) != 0)
+
+    def peft_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        keep = self.kept_triplets()
+        return {f"{prefix}.lora_A": self.A.detach()[keep], f"{prefix}.lora_E": self.E.detach()[keep],
+                f"{prefix}.lora_B": self.B.detach()[:, keep]}
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """``output + s * dropout(x) @ (A * E).T @ B.T``; x ``(..., in)``, output ``(..., out)``."""

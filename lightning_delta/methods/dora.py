@@ -49,6 +49,9 @@ class DoRA(LoRALinear):
         self.magnitude = nn.Parameter(torch.ones(self.B.shape[0], **self.factory))
         self.merged_norm: torch.Tensor | None = None
 
+    def peft_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {**super().peft_state(prefix), f"{prefix}.lora_magnitude_vector": self.magnitude.detach()}
+
     def base_weight(self, target: nn.Module) -> torch.Tensor:
         """The target's weight in ``(out, in)`` layout."""
         return target.weight.T if self.transposed else target.weight

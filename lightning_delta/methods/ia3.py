@@ -53,6 +53,12 @@ class IA3Config(DeltaConfig):
         if self.feedforward is not None:
             self.feedforward = list(normalize_patterns(self.feedforward))
 
+    def peft_config(self, deltas: list, **common):
+        import peft
+
+        return peft.IA3Config(target_modules=[d.target_path for d in deltas],
+                              feedforward_modules=[d.target_path for d in deltas if d.module.on_input], **common)
+
     def supports(self, module: nn.Module) -> bool:
         return is_linear_like(module)
 
@@ -93,6 +99,10 @@ class IA3(Delta):
             return None
         x = args[0]
         return (x * self._factor(x), *args[1:]), kwargs
+
+    def peft_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        scale = self.scale.detach()
+        return {f"{prefix}.ia3_l": scale[None, :] if self.on_input else scale[:, None]}
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """Rescales the target's output ``(..., out)``."""

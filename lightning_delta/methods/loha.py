@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_delta.core import Delta, DeltaConfig, kaiming_
+from lightning_delta.core import Delta, DeltaConfig, kaiming_, require_linear
 from lightning_delta.targets import is_linear_like, linear_in_out
 
 
@@ -43,6 +43,12 @@ class LohaConfig(DeltaConfig):
     @property
     def scale(self) -> float:
         return self.alpha / self.r
+
+    def peft_config(self, deltas: list, **common):
+        import peft
+
+        require_linear(self.method, deltas)
+        return peft.LoHaConfig(r=self.r, alpha=self.alpha, target_modules=[d.target_path for d in deltas], **common)
 
     def supports(self, module: nn.Module) -> bool:
         return is_linear_like(module)
@@ -77,6 +83,9 @@ class LoHa(Delta):
     def update(self) -> torch.Tensor:
         """``s * (w1_a @ w1_b) * (w2_a @ w2_b)`` in ``(out, in)`` layout."""
         return (self.w1_a @ self.w1_b) * (self.w2_a @ self.w2_b) * self.scale
+
+    def peft_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.hada_{part}": getattr(self, part).detach() for part in ("w1_a", "w1_b", "w2_a", "w2_b")}
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """``output + x @ update.T``; x ``(..., in)``, output ``(..., out)``."""

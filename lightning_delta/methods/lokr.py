@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_delta.core import Delta, DeltaConfig, kaiming_
+from lightning_delta.core import Delta, DeltaConfig, kaiming_, require_linear
 from lightning_delta.targets import is_linear_like, linear_in_out
 
 
@@ -77,6 +77,14 @@ class LokrConfig(DeltaConfig):
     def scale(self) -> float:
         return self.alpha / self.r
 
+    def peft_config(self, deltas: list, **common):
+        import peft
+
+        require_linear(self.method, deltas)
+        return peft.LoKrConfig(r=self.r, alpha=self.alpha, decompose_both=self.decompose_both,
+                               decompose_factor=self.decompose_factor, target_modules=[d.target_path for d in deltas],
+                               **common)
+
     def supports(self, module: nn.Module) -> bool:
         return is_linear_like(module)
 
@@ -127,6 +135,11 @@ class LoKr(Delta):
         w1 = self.w1_a @ self.w1_b if self.low_rank_w1 else self.w1
         w2 = self.w2_a @ self.w2_b if self.low_rank_w2 else self.w2
         return torch.kron(w1, w2) * self.scale
+
+    def peft_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        parts = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")  # the full or the factored form of each
+        return {f"{prefix}.lokr_{p}": getattr(self, p).detach() for p in parts
+                if isinstance(getattr(self, p, None), torch.Tensor)}
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """``output + x @ update.T``; x ``(..., in)``, output ``(..., out)``."""

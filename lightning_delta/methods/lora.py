@@ -79,6 +79,17 @@ class LoraConfig(DeltaConfig):
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
+    def peft_config(self, deltas: list, **common):
+        import peft
+
+        fan_in_fan_out = any(getattr(d.module, "transposed", False) for d in deltas)
+        r, alpha = self.r, self.alpha
+        if deltas[0].module.weight_offset() is not None:  # PiSSA / OLoRA: rank 2r, same scale (see peft_state)
+            r, alpha = 2 * r, alpha * (2**0.5 if self.rslora else 2)
+        return peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=self.dropout, use_rslora=self.rslora,
+                               use_dora=self.method == "dora", target_modules=[d.target_path for d in deltas],
+                               fan_in_fan_out=fan_in_fan_out, **common)
+
     def supports(self, module: nn.Module) -> bool:
         if isinstance(module, nn.Conv2d):
             return module.groups == 1 and module.padding_mode == "zeros"
@@ -128,6 +139,16 @@ class LoRA(Delta):
             fill_(self.A, lambda t: t.normal_(0.0, std, generator=generator))
         else:
             kaiming_(self.A, self.generator())
+
+    def peft_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        a, b = self.A.detach(), self.B.detach()
+        if self.weight_offset() is not None:
+            # trained beside the residual W - s B0 A0, loaded onto W: W_res + s B A = W + s [B, -B0] [A; A0],
+            # as PEFT's own conversion of PiSSA / OLoRA adapters
+            a, b = torch.cat([a, self.A0.to(a.dtype)], dim=0), torch.cat([b, -self.B0.to(b.dtype)], dim=1)
+        names = ("lora_embedding_A", "lora_embedding_B") if isinstance(self, LoRAEmbedding) else \
+            ("lora_A.weight", "lora_B.weight")
+        return {f"{prefix}.{names[0]}": a, f"{prefix}.{names[1]}": b}
 
     def add(self, output: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         """``output + update``; in a mixed batch only on the rows that select this delta."""

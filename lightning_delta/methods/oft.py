@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_delta.core import Delta, DeltaConfig
+from lightning_delta.core import Delta, DeltaConfig, require_linear
 from lightning_delta.errors import DeltaConfigError
 from lightning_delta.targets import is_linear_like, linear_in_out
 
@@ -49,6 +49,14 @@ class OftConfig(DeltaConfig):
         self.check_range("neumann_terms", self.neumann_terms,
                          isinstance(self.neumann_terms, int) and not isinstance(self.neumann_terms, bool)
                          and self.neumann_terms > 1, "an integer > 1, e.g. neumann_terms=5")
+
+    def peft_config(self, deltas: list, **common):
+        import peft
+
+        require_linear(self.method, deltas)
+        return peft.OFTConfig(r=0, oft_block_size=self.block_size, use_cayley_neumann=self.cayley_neumann,
+                              num_cayley_neumann_terms=self.neumann_terms,
+                              target_modules=[d.target_path for d in deltas], **common)
 
     def supports(self, module: nn.Module) -> bool:
         return is_linear_like(module)
@@ -124,6 +132,9 @@ class OFT(Delta):
         blocks = x.reshape(*x.shape[:-1], self.blocks, self.block_size)
         rotated = torch.einsum("...rk,rkc->...rc", blocks, self.rotations().to(x.dtype)).reshape(x.shape)
         return (rotated, *args[1:]), kwargs
+
+    def peft_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.oft_R.weight": self.skew.detach()}
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:  # pragma: no cover - pre-hook only
         raise NotImplementedError("OFT rotates the target's input in pre_hook")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lightning_delta.core import Delta, WholeModelConfig, fill_, kaiming_
-from lightning_delta.errors import UnsupportedModuleError
+from lightning_delta.errors import DeltaConfigError, UnsupportedModuleError
 
 
 def _takes_cache(module: nn.Module) -> bool:
@@ -94,6 +94,13 @@ class PrefixConfig(WholeModelConfig):
         d = self.projection_dim
         self.check_range("projection_dim", d, isinstance(d, int) and not isinstance(d, bool) and d > 0,
                          "a positive integer, e.g. projection_dim=512")
+
+    def peft_config(self, deltas: list, **common):
+        import peft
+
+        if self.projection:
+            raise DeltaConfigError("export the prefix after model.prefix.fold(): PEFT's format holds plain prefixes")
+        return peft.PrefixTuningConfig(num_virtual_tokens=self.num_virtual_tokens, **common)
 
     def supports(self, module: nn.Module) -> bool:
         return getattr(module, "config", None) is not None
@@ -200,6 +207,9 @@ class Prefix(Delta):
         if mask is not None and mask.dim() == 2:
             kwargs[mask_key] = torch.cat((mask.new_ones(mask.shape[0], n), mask), dim=1)
         return (), kwargs
+
+    def peft_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {"prompt_embeddings": self.states().detach()}
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:  # pragma: no cover - hook-only
         raise NotImplementedError("the prefix acts through its pre-hook")

@@ -46,6 +46,13 @@ class PromptConfig(WholeModelConfig):
                          "a positive integer, e.g. num_virtual_tokens=20")
         self.check_range("init", self.init, self.init in INITS, f"one of {list(INITS)}")
 
+    def peft_config(self, deltas: list, **common):
+        import peft
+
+        # PEFT's encoder-decoder prompts may be on both sides; ours is on the encoder side
+        extra = {"num_transformer_submodules": 1} if common.get("task_type") == "SEQ_2_SEQ_LM" else {}
+        return peft.PromptTuningConfig(num_virtual_tokens=self.num_virtual_tokens, **common, **extra)
+
     def supports(self, module: nn.Module) -> bool:
         return callable(getattr(module, "get_input_embeddings", None))
 
@@ -164,6 +171,9 @@ class SoftPrompt(Delta):
         kwargs = {**dict(zip(names, args)), **kwargs}
         self._prepend(encoder, kwargs, encoder)
         return (), kwargs
+
+    def peft_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {"prompt_embeddings": self.states().detach()}
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:  # pragma: no cover - hook-only
         raise NotImplementedError("the soft prompt acts through its pre-hook")

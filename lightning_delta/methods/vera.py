@@ -74,6 +74,14 @@ class VeraConfig(DeltaConfig):
                          "True unless projection_seed is set (the matrices are then redrawn from it on load),"
                          " e.g. save_projection=False, projection_seed=0")
 
+    def peft_config(self, deltas: list, **common):
+        import peft
+
+        return peft.VeraConfig(r=self.r, target_modules=[d.target_path for d in deltas], vera_dropout=self.dropout,
+                               d_initial=self.d_initial, save_projection=True,
+                               projection_prng_key=self.projection_seed or 0,
+                               fan_in_fan_out=any(d.module.transposed for d in deltas), **common)
+
     def supports(self, module: nn.Module) -> bool:
         return is_linear_like(module)
 
@@ -152,6 +160,10 @@ class VeRA(Delta):
         a = self.lambda_d[:, None] * self.A[:, :self.in_features].to(device)
         b = self.lambda_b[:, None] * self.B[:self.out_features].to(device)
         return a.to(dtype), b.to(dtype)
+
+    def peft_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.vera_lambda_d": self.lambda_d.detach(), f"{prefix}.vera_lambda_b": self.lambda_b.detach(),
+                "base_model.vera_A": self.A.detach(), "base_model.vera_B": self.B.detach()}  # shared by all targets
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """``output + lambda_b * B (lambda_d * A dropout(x))``; x ``(..., in)``, output ``(..., out)``."""
