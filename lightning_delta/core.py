@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightning_delta.errors import DeltaConfigError, DeltaError, MergeError, UnsupportedModuleError
@@ -260,6 +261,45 @@ class Delta(nn.Module):
     def unmerge(self, target: nn.Module) -> None:
         """Undoes :meth:`merge`."""
         raise MergeError(self.merge_blocker(target) or f"{type(self).__name__} does not implement unmerge")
+
+
+class WeightUpdateDelta(Delta):
+    """A delta on a Linear-like target whose effect is a dense weight update ``dW`` ``(out, in)``.
+
+    Subclasses implement :meth:`update`; merging adds it to the target's weight (transposed for
+    transformers' ``Conv1D``, which stores ``(in, out)``), and the default forward adds ``x @ dW.T``.
+    """
+
+    mergeable = True
+
+    def __init__(self, config: DeltaConfig, target: nn.Module) -> None:
+        super().__init__(config, target)
+        self.transposed = not isinstance(target, nn.Linear)  # Conv1D stores its weight as (in, out)
+
+    def update(self) -> torch.Tensor:
+        """``dW`` in ``(out, in)`` layout."""
+        raise NotImplementedError(f"{type(self).__name__} must implement update()")
+
+    def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """``output + x @ dW.T``; x ``(..., in)``, output ``(..., out)``."""
+        return output + F.linear(x, self.update().to(x.dtype)).to(output.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update in the layout of the target's weight."""
+        update = self.update()
+        return update.T if self.transposed else update
+
+    @torch.no_grad()
+    def merge(self, target: nn.Module) -> None:
+        if not self.merged:
+            target.weight += self.delta_weight().to(target.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self, target: nn.Module) -> None:
+        if self.merged:
+            target.weight -= self.delta_weight().to(target.weight.dtype)
+            self.merged = False
 
 
 @dataclass(frozen=True)

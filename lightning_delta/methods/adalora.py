@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_delta.core import Delta, DeltaConfig, fill_, iter_deltas
+from lightning_delta.core import DeltaConfig, WeightUpdateDelta, fill_, iter_deltas
 from lightning_delta.errors import DeltaConfigError
 from lightning_delta.targets import is_linear_like
 
@@ -127,14 +127,12 @@ class AdaLoraConfig(DeltaConfig):
         return AdaLoRA(self, module).seeded(seed)
 
 
-class AdaLoRA(Delta):
+class AdaLoRA(WeightUpdateDelta):
     """``A`` ``(r, in)``, ``E`` ``(r, 1)``, ``B`` ``(out, r)`` and the persistent ``rank_mask`` ``(r,)``."""
 
-    mergeable = True
 
     def __init__(self, config: AdaLoraConfig, target: nn.Module) -> None:
         super().__init__(config, target)
-        self.transposed = not isinstance(target, nn.Linear)  # Conv1D stores its weight as (in, out)
         out_features, in_features = target.weight.shape[::-1] if self.transposed else target.weight.shape
         r = config.init_r
         self.A = nn.Parameter(torch.empty(r, in_features, **self.factory))
@@ -179,27 +177,15 @@ class AdaLoRA(Delta):
         hidden = F.linear(x, (self.A * self.E).to(x.dtype))
         return output + F.linear(hidden, (self.B * self.scale).to(x.dtype)).to(output.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        """``s * B @ (A * E)`` in the layout of the target's weight."""
-        update = (self.B @ (self.A * self.E)) * self.scale
-        return update.T if self.transposed else update
+    def update(self) -> torch.Tensor:
+        """``s * B @ (A * E)`` in ``(out, in)`` layout."""
+        return (self.B @ (self.A * self.E)) * self.scale
 
     def orth_penalties(self) -> list[torch.Tensor]:
         """``||A A^T - I||_F`` and ``||B^T B - I||_F`` (PEFT's orthogonal regulariser terms)."""
         eye = torch.eye(self.A.shape[0], device=self.A.device, dtype=self.A.dtype)
         return [torch.linalg.matrix_norm(self.A @ self.A.T - eye), torch.linalg.matrix_norm(self.B.T @ self.B - eye)]
 
-    @torch.no_grad()
-    def merge(self, target: nn.Module) -> None:
-        if not self.merged:
-            target.weight += self.delta_weight().to(target.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self, target: nn.Module) -> None:
-        if self.merged:
-            target.weight -= self.delta_weight().to(target.weight.dtype)
-            self.merged = False
 
 
 class RankAllocator:

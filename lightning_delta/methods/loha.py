@@ -12,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lightning_delta.core import Delta, DeltaConfig, kaiming_, require_linear
+from lightning_delta.core import DeltaConfig, WeightUpdateDelta, kaiming_, require_linear
 from lightning_delta.targets import is_linear_like, linear_in_out
 
 
@@ -57,15 +56,13 @@ class LohaConfig(DeltaConfig):
         return LoHa(self, module).seeded(seed)
 
 
-class LoHa(Delta):
+class LoHa(WeightUpdateDelta):
     """Four factors ``w1_a``, ``w1_b``, ``w2_a``, ``w2_b``; the update is their Hadamard-combined product."""
 
-    mergeable = True
 
     def __init__(self, config: LohaConfig, target: nn.Module) -> None:
         super().__init__(config, target)
         in_features, out_features = linear_in_out(target)
-        self.transposed = not isinstance(target, nn.Linear)  # Conv1D stores its weight as (in, out)
         self.w1_a = nn.Parameter(torch.empty(out_features, config.r, **self.factory))
         self.w1_b = nn.Parameter(torch.empty(config.r, in_features, **self.factory))
         self.w2_a = nn.Parameter(torch.empty(out_features, config.r, **self.factory))
@@ -87,23 +84,3 @@ class LoHa(Delta):
     def peft_state(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.hada_{part}": getattr(self, part).detach() for part in ("w1_a", "w1_b", "w2_a", "w2_b")}
 
-    def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """``output + x @ update.T``; x ``(..., in)``, output ``(..., out)``."""
-        return output + F.linear(x, self.update().to(x.dtype)).to(output.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        """The update in the layout of the target's weight."""
-        update = self.update()
-        return update.T if self.transposed else update
-
-    @torch.no_grad()
-    def merge(self, target: nn.Module) -> None:
-        if not self.merged:
-            target.weight += self.delta_weight().to(target.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self, target: nn.Module) -> None:
-        if self.merged:
-            target.weight -= self.delta_weight().to(target.weight.dtype)
-            self.merged = False

@@ -14,10 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lightning_delta.core import Delta, DeltaConfig, kaiming_, require_linear
+from lightning_delta.core import DeltaConfig, WeightUpdateDelta, kaiming_, require_linear
 from lightning_delta.targets import is_linear_like, linear_in_out
 
 
@@ -92,15 +91,13 @@ class LokrConfig(DeltaConfig):
         return LoKr(self, module).seeded(seed)
 
 
-class LoKr(Delta):
+class LoKr(WeightUpdateDelta):
     """Kronecker factors ``w1`` (or ``w1_a``, ``w1_b``) and ``w2`` (or ``w2_a``, ``w2_b``)."""
 
-    mergeable = True
 
     def __init__(self, config: LokrConfig, target: nn.Module) -> None:
         super().__init__(config, target)
         in_features, out_features = linear_in_out(target)
-        self.transposed = not isinstance(target, nn.Linear)  # Conv1D stores its weight as (in, out)
         (a, b), (c, d) = (factorization(out_features, config.decompose_factor),
                           factorization(in_features, config.decompose_factor))
         r = config.r
@@ -141,23 +138,3 @@ class LoKr(Delta):
         return {f"{prefix}.lokr_{p}": getattr(self, p).detach() for p in parts
                 if isinstance(getattr(self, p, None), torch.Tensor)}
 
-    def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """``output + x @ update.T``; x ``(..., in)``, output ``(..., out)``."""
-        return output + F.linear(x, self.update().to(x.dtype)).to(output.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        """The update in the layout of the target's weight."""
-        update = self.update()
-        return update.T if self.transposed else update
-
-    @torch.no_grad()
-    def merge(self, target: nn.Module) -> None:
-        if not self.merged:
-            target.weight += self.delta_weight().to(target.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self, target: nn.Module) -> None:
-        if self.merged:
-            target.weight -= self.delta_weight().to(target.weight.dtype)
-            self.merged = False

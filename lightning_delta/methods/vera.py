@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_delta.core import Delta, DeltaConfig
+from lightning_delta.core import Delta, DeltaConfig, WeightUpdateDelta
 from lightning_delta.targets import is_linear_like, linear_in_out
 
 
@@ -108,15 +108,13 @@ class VeraConfig(DeltaConfig):
         first.reset_projections()
 
 
-class VeRA(Delta):
+class VeRA(WeightUpdateDelta):
     """Trainable ``lambda_d`` (``r``) and ``lambda_b`` (``out``) around the shared frozen ``A`` and ``B``."""
 
-    mergeable = True
 
     def __init__(self, config: VeraConfig, target: nn.Module) -> None:
         super().__init__(config, target)
         self.in_features, self.out_features = linear_in_out(target)
-        self.transposed = not isinstance(target, nn.Linear)  # Conv1D stores its weight as (in, out)
         self.lambda_d = nn.Parameter(torch.empty(config.r, **self.factory))
         self.lambda_b = nn.Parameter(torch.zeros(self.out_features, **self.factory))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -170,20 +168,8 @@ class VeRA(Delta):
         a, b = self._factors(x.dtype)
         return output + F.linear(F.linear(self.dropout(x), a), b).to(output.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        """The update in the layout of the target's weight."""
+    def update(self) -> torch.Tensor:
+        """``diag(lambda_b) B diag(lambda_d) A`` in ``(out, in)`` layout."""
         a, b = self._factors(self.storage_dtype)
-        update = b @ a
-        return update.T if self.transposed else update
+        return b @ a
 
-    @torch.no_grad()
-    def merge(self, target: nn.Module) -> None:
-        if not self.merged:
-            target.weight += self.delta_weight().to(target.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self, target: nn.Module) -> None:
-        if self.merged:
-            target.weight -= self.delta_weight().to(target.weight.dtype)
-            self.merged = False
