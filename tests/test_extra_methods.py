@@ -25,21 +25,13 @@ from lightning_delta.export import export_peft
 from lightning_delta.methods.lokr import factorization
 from lightning_helpers import Classifier, ReloadableClassifier, loader, save_pretrained_bert, trainer
 from models import FAMILIES, family_inputs, family_output, tiny_bert, tiny_gpt2, tiny_llama
+from test_methods import randomize  # moves every trainable delta tensor (VeRA's projections stay)
 from test_families import LanguageModel
 
 METHODS = ["vera", "loha", "lokr", "oft"]
 #: Small settings for the tiny models (hidden 32): VeRA's default rank is 256, OFT's block 32.
 SMALL = {"vera": {"r": 16}, "loha": {"r": 4, "alpha": 6}, "lokr": {"r": 2, "alpha": 3}, "oft": {"block_size": 8}}
 TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
-
-
-def randomize(handle, seed=0, scale=0.2):
-    """Moves every trainable delta tensor away from its init (the frozen VeRA projections stay)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in handle.delta_parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
-    return handle
 
 
 # -- (a) parameter counts on a tiny BERT: query and value (32 -> 32) in 2 layers -------------------
