@@ -117,6 +117,29 @@ def test_forward_computes_with_the_dequantized_weight_and_trains_lora_through_it
     assert cosine > 0.9
 
 
+@pytest.mark.parametrize("method", ["dora", "ia3", "loha", "vera", "adapter"])
+def test_other_hook_methods_train_on_nf4_as_on_the_dequantized_weights(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 256))
+    quantize_nf4(model)
+    plain = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 256))
+    plain.load_state_dict({k: v.get_original_weight() if is_quantized(v) else v for k, v in model.state_dict().items()})
+    x = torch.randn(4, 256)
+    grads = []
+    for m in (model, plain):
+        handle = attach(m, method, targets="0")
+        gen = torch.Generator().manual_seed(3)
+        with torch.no_grad():  # move every delta tensor away from its identity initialisation
+            for p in handle.delta_parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+        handle.freeze_backbone()
+        out = m(x)
+        out.square().mean().backward()
+        grads.append((out.detach(), torch.cat([p.grad.flatten() for p in handle.delta_parameters()])))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-4, atol=1e-5)
+    assert F.cosine_similarity(grads[0][1], grads[1][1], dim=0) > 0.9999
+
+
 def test_one_layer_error_is_nf4_rounding():
     torch.manual_seed(0)
     layer = nn.Linear(512, 256)
