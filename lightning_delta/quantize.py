@@ -22,7 +22,7 @@ LightningModule's ``configure_model`` or before ``Trainer.fit``::
 
     def configure_model(self):
         if self.model is None:
-            self.model = AutoModelForCausalLM.from_pretrained(name, torch_dtype=torch.bfloat16)
+            self.model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.bfloat16)
             quantize_nf4(self.model)        # DeltaCallback attaches LoRA right after this hook
 
 Needs ``torchao`` (``pip install torchao``; it runs on CPU and GPU).
@@ -164,7 +164,7 @@ def quantize_nf4(model: nn.Module, block_size: int = 64, scaler_block_size: int 
 
     Raises:
         ImportError: torchao is not installed.
-        UnsupportedModuleError: a weight is on the meta device, its size is not a multiple of
+        UnsupportedModuleError: a weight is on the meta device or sharded, its size is not a multiple of
             ``block_size * scaler_block_size``, or a LoRA with ``init='pissa'/'olora'`` holds part
             of it. Nothing is quantized then.
     """
@@ -176,6 +176,8 @@ def quantize_nf4(model: nn.Module, block_size: int = 64, scaler_block_size: int 
         module = model.get_submodule(name)
         if module.weight.device.type == "meta":
             problems.append(f"{name} (on the meta device: quantize after the pretrained weights are loaded)")
+        elif type(module.weight).__name__ == "DTensor":
+            problems.append(f"{name} (sharded: quantize before FSDP2 / tensor parallel shards the model)")
         elif module.weight.numel() % unit:
             problems.append(f"{name} ({tuple(module.weight.shape)}: {module.weight.numel()} weights, not a multiple"
                             f" of block_size * scaler_block_size = {unit})")
