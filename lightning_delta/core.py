@@ -251,8 +251,15 @@ class Delta(nn.Module):
         return None
 
     def merge_blocker(self, target: nn.Module) -> str | None:
-        """Why this delta cannot be merged into ``target``, or ``None`` if it can."""
-        return None if self.mergeable else f"{self.config.method!r} has no merge"
+        """Why this delta cannot be merged into ``target``, or ``None`` if it can (not into a 4-bit weight)."""
+        from lightning_delta.quantize import is_quantized
+
+        if not self.mergeable:
+            return f"{self.config.method!r} has no merge"
+        if is_quantized(getattr(target, "weight", None)):
+            return (f"the weight of {type(target).__name__} is 4-bit NF4; dequantize it first:"
+                    " lightning_delta.quantize.dequantize(model)")
+        return None
 
     def merge(self, target: nn.Module) -> None:
         """Folds the delta into the target's weights (inference then runs at base speed)."""

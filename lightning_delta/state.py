@@ -19,6 +19,7 @@ from torch import nn
 
 from lightning_delta.core import iter_deltas
 from lightning_delta.errors import CheckpointReadError, DeltaStateError, TargetError
+from lightning_delta.quantize import is_quantized
 from lightning_delta.targets import candidate_modules, matches
 
 #: Attribute of a model that records its ``trainable`` module patterns.
@@ -212,14 +213,16 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
     Delta tensors are left out; values are sampled from frozen floating-point parameters only
     (trainable ones change in training), so the fingerprint is stable while training, and as the
     backbone had them before attach (a PiSSA / OLoRA residual is added back). Sharded
-    (DTensor) parameters are not sampled: that would gather them; their shapes are still recorded.
+    (DTensor) parameters are not sampled: that would gather them; quantized (NF4) ones neither:
+    their values are rounded. Shapes are recorded for both (the logical, dequantized shape), so a
+    delta trained on a 4-bit backbone fits the same backbone in floating point and back.
     """
     tensors = backbone_tensors(model)
     frozen = [
         k
         for k, t in tensors.items()
         if isinstance(t, nn.Parameter) and not t.requires_grad and t.is_floating_point()
-        and t.device.type != "meta" and not _is_sharded(t)
+        and t.device.type != "meta" and not _is_sharded(t) and not is_quantized(t)
     ]
     last = len(frozen) - 1
     picks = [frozen[round(i * last / (_SAMPLED_TENSORS - 1))] for i in range(_SAMPLED_TENSORS)] if frozen else []
@@ -268,7 +271,8 @@ def compare_fingerprint(recorded: Mapping[str, Any], model: nn.Module) -> list[s
     differ = [
         k
         for k, values in recorded.get("samples", {}).items()
-        if not _is_sharded(tensors[k]) and not _close(values, _original_samples(k, tensors[k], offsets))
+        if not _is_sharded(tensors[k]) and not is_quantized(tensors[k])
+        and not _close(values, _original_samples(k, tensors[k], offsets))
     ]
     if differ:
         return [

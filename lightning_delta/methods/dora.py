@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_delta.methods.lora import LoraConfig, LoRALinear
+from lightning_delta.quantize import is_quantized
 from lightning_delta.targets import is_linear_like
 
 
@@ -53,8 +54,11 @@ class DoRA(LoRALinear):
         return {**super().peft_state(prefix), f"{prefix}.lora_magnitude_vector": self.magnitude.detach()}
 
     def base_weight(self, target: nn.Module) -> torch.Tensor:
-        """The target's weight in ``(out, in)`` layout."""
-        return target.weight.T if self.transposed else target.weight
+        """The target's weight in ``(out, in)`` layout (dequantized if it is 4-bit NF4: QDoRA)."""
+        weight = target.weight
+        if is_quantized(weight):
+            weight = weight.get_original_weight()
+        return weight.T if self.transposed else weight
 
     def _column_norm(self, target: nn.Module) -> torch.Tensor:
         lora = (self.B @ self.A) * self.scale

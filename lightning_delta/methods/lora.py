@@ -36,6 +36,7 @@ from torch import nn
 
 from lightning_delta.core import Delta, DeltaConfig, fill_, kaiming_
 from lightning_delta.errors import UnsupportedModuleError
+from lightning_delta.quantize import is_quantized
 from lightning_delta.targets import is_linear_like
 
 #: ``init`` values; the last two replace the frozen weight by a residual at attach.
@@ -193,10 +194,11 @@ class LoRALinear(LoRA):
         fresh backbone gets the same factors again when a checkpoint is loaded.
         """
         weight = target.weight
-        if weight.device.type == "meta" or type(weight).__name__ == "DTensor":
+        if weight.device.type == "meta" or type(weight).__name__ == "DTensor" or is_quantized(weight):
             raise UnsupportedModuleError(
                 f"lora init={self.config.init!r} needs {path or 'the target'}'s weight values at attach, not a"
-                " meta or sharded tensor: attach after the pretrained weights are loaded, before sharding")
+                " meta, sharded or 4-bit tensor: attach after the pretrained weights are loaded, before sharding;"
+                " on an NF4 backbone use init='default' or 'gaussian'")
         rank, scale = self.config.r, self.scale
         w = (weight.T if self.transposed else weight).float()
         if rank > min(w.shape):
