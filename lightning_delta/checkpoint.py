@@ -150,9 +150,14 @@ def _locate_backbone(model: nn.Module, recorded_path: str, state: Mapping[str, t
                 return model.get_submodule(found[0]), start, {start + k: v for k, v in state.items()}
         return model, "", dict(state)
     try:
-        return model.get_submodule(recorded_path), _prefix(recorded_path), dict(state)
+        inside = model.get_submodule(recorded_path)
     except AttributeError:
-        pass
+        inside = None
+    # ``model`` holds the backbone at the recorded path -- unless ``model`` is the backbone itself and
+    # merely has a submodule of that name (a LlamaForCausalLM's ``.model``, for a task's ``model``)
+    if inside is not None and not (recorded_class and type(model).__name__ == recorded_class
+                                   and type(inside).__name__ != recorded_class):
+        return inside, _prefix(recorded_path), dict(state)
     # ``model`` is the backbone itself: keep only the backbone's keys, relative to it.
     start = _prefix(recorded_path)
     outside = [k for k in state if not k.startswith(start)]

@@ -256,9 +256,11 @@ class Delta(nn.Module):
 
         if not self.mergeable:
             return f"{self.config.method!r} has no merge"
-        if is_quantized(getattr(target, "weight", None)):
-            return (f"the weight of {type(target).__name__} is 4-bit NF4; dequantize it first:"
-                    " lightning_delta.quantize.dequantize(model)")
+        weight = getattr(target, "weight", None)
+        if is_quantized(weight):
+            return (f"the weight of {type(target).__name__} is quantized ({type(weight).__name__}): merging would"
+                    " re-quantize it; dequantize first (torchao NF4: lightning_delta.quantize.dequantize(model)),"
+                    " or merge into a floating-point copy of the backbone")
         return None
 
     def merge(self, target: nn.Module) -> None:
@@ -418,22 +420,12 @@ def detach_delta(model: nn.Module, name: str) -> None:
         delattr(target, d.name)
 
 
-def _quantized(target: nn.Module) -> str | None:
-    """Why a target's weight cannot take a merge: it is stored quantized (bitsandbytes), or ``None``."""
-    weight = getattr(target, "weight", None)
-    if isinstance(weight, torch.Tensor) and (not weight.is_floating_point() or hasattr(weight, "quant_state")):
-        return (f"its weight is quantized ({type(weight).__name__}, {weight.dtype}): merging would re-quantize"
-                " and lose the update; merge into a floating-point copy of the backbone, or export the delta")
-    return None
-
-
 def check_merge(model: nn.Module, deltas: Iterable[AttachedDelta]) -> None:
     """Raises :class:`MergeError` naming every delta that cannot merge, before anything is merged."""
     blocked = [
         f"{d.path} ({reason})"
         for d in deltas
-        if (reason := _quantized(model.get_submodule(d.target_path)) or
-            d.module.merge_blocker(model.get_submodule(d.target_path))) is not None
+        if (reason := d.module.merge_blocker(model.get_submodule(d.target_path))) is not None
     ]
     if blocked:
         raise MergeError(

@@ -39,12 +39,13 @@ from torch import nn
 from lightning_delta.errors import UnsupportedModuleError
 from lightning_delta.targets import candidate_modules, head_names, matches, normalize_patterns
 
-#: Names of tensor subclasses that hold a weight in packed low-bit form.
-QUANTIZED_TYPES = frozenset({"NF4Tensor"})
+#: Names of tensor subclasses that hold a weight in packed low-bit form (torchao; bitsandbytes).
+QUANTIZED_TYPES = frozenset({"NF4Tensor", "Params4bit", "Int8Params"})
 
 
 def is_quantized(tensor: Any) -> bool:
-    """Whether ``tensor`` is a quantized weight (torchao's ``NF4Tensor``); checked without importing torchao."""
+    """Whether ``tensor`` is a quantized weight (torchao's ``NF4Tensor``, bitsandbytes' 4-/8-bit
+    parameters); checked without importing either library."""
     return type(tensor).__name__ in QUANTIZED_TYPES
 
 

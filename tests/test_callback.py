@@ -331,3 +331,22 @@ def test_active_trains_one_task_while_a_loaded_one_waits(source, tmp_path):
     assert any(".task_b.B" in k and after[k].abs().sum() > 0 for k in after)  # task_b trained (B left zero)
     with pytest.raises(DeltaConfigError, match="no delta named \\['task_c'\\]"):
         DeltaCallback(LoraConfig(name="task_b"), active="task_c").attach(Classifier(source))
+
+
+def test_load_delta_into_a_bare_backbone_that_has_a_submodule_named_like_the_recorded_path():
+    from lightning_delta.checkpoint import DeltaCheckpointHooks, checkpoint_metadata
+    from models import family_inputs, tiny_llama
+
+    root = nn.Module()
+    root.model = tiny_llama().eval()  # a task's `model`; LlamaForCausalLM itself has a `.model` too
+    handle = DeltaModel(root.model).attach("lora", r=2).freeze_backbone()
+    with torch.no_grad():
+        for p in handle.delta_parameters():
+            p.add_(0.1)
+    DeltaCheckpointHooks.install(root, "model")
+    ckpt = {"state_dict": root.state_dict(), META_KEY: checkpoint_metadata(root, "model")}
+    bare = copy.deepcopy(root.model)
+    DeltaModel(bare).detach()
+    load_delta(bare, ckpt)
+    ids = family_inputs("llama")["input_ids"]
+    torch.testing.assert_close(bare(input_ids=ids).logits, root.model(input_ids=ids).logits, rtol=0, atol=0)
