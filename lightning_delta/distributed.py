@@ -145,7 +145,15 @@ def tensor_parallel(module: nn.Module, mesh: Any, plan: dict[str, Any]) -> nn.Mo
         tensor_parallel(self.model, self.device_mesh["tensor_parallel"], plan)
 
     Delta modules are taken out of their targets while the plan is applied (torch's styles would
-    otherwise shard or replicate their tensors like the backbone's), then put back.
+    otherwise shard or replicate their tensors like the backbone's; ``ColwiseParallel`` fails on
+    them with ``KeyError: 'parameter name can't contain "."'``), then put back. Deltas may also be
+    attached after ``parallelize_module``; then call :func:`distribute_deltas` (``DeltaCallback``
+    does, right after ``configure_model``).
+
+    Raises:
+        DeltaConfigError: a delta on a module the plan parallelized that is not LoRA (``init``
+            ``"default"`` / ``"gaussian"``, ``dropout=0``) on an ``nn.Linear`` with ``ColwiseParallel``
+            or ``RowwiseParallel``; the plan has been applied by then.
 
     Args:
         module: a LightningModule (its ``DeltaCallback`` deltas are attached first) or any module
@@ -215,7 +223,7 @@ full gradient.
         if where is None:
             continue
         target = module.get_submodule(d.target_path)
-        fix = (f" Leave {d.target_path!r} out of the plan, or out of the delta's targets"
+        fix = (f" Leave {where!r} out of the plan, or {d.target_path!r} out of the delta's targets"
                f" (exclude=[{d.target_path.rsplit('.', 1)[-1]!r}]).")
         if where != d.target_path:
             raise DeltaConfigError(
