@@ -138,6 +138,24 @@ def test_checkpoint_holds_full_lora_tensors_that_load_into_one_process(runs):
     torch.testing.assert_close(logits, report["final_logits"], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_merge_unmerge_and_mixed_batches_under_tensor_parallelism(runs, mode):
+    _, source, _, reports = runs
+    report = reports[mode]
+    model, handle = single_process(source, report["state"])
+    ids = batches()[:4]
+    with torch.no_grad():
+        with handle.mixed_batch(["lora", None, "lora", None]):
+            mixed = model(input_ids=ids).logits
+        handle.set_active([])
+        plain = model(input_ids=ids).logits
+    assert (mixed[1] - report["final_logits"][1]).abs().max() > 1e-3  # the trained LoRA changes the outputs
+    for key in ("merged", "unmerged"):
+        torch.testing.assert_close(report[key], report["final_logits"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(report["mixed"], mixed, rtol=0, atol=1e-5)
+    torch.testing.assert_close(report["mixed"][1::2], plain[1::2], rtol=0, atol=1e-5)
+
+
 # -- unsupported combinations, on a 1-rank mesh in this process -----------------------------------------
 @pytest.fixture
 def mesh(tmp_path):

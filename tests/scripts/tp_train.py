@@ -6,8 +6,9 @@ with LoRA on every projection of a tiny Llama (q/k/v/gate/up column-parallel, o/
 STATE holds full LoRA tensors to start from (B non-zero). By default configure_model calls
 ``tensor_parallel`` (DeltaCallback's deltas are attached first); with ``--late-attach`` it calls torch's
 ``parallelize_module`` and DeltaCallback attaches afterwards. Rank 0 writes OUT/report.pt: logits, loss
-and full LoRA gradients of the first batch before any step, the placements of each LoRA factor and the
-delta state after three AdamW steps; every rank joins in saving OUT/final.ckpt.
+and full LoRA gradients of the first batch before any step, the placements of each LoRA factor, the
+delta state after three AdamW steps and then the logits plain, merged, unmerged and in a mixed batch;
+every rank joins in saving OUT/final.ckpt.
 """
 
 import argparse
@@ -88,10 +89,18 @@ class Report(Callback):
         model.zero_grad(set_to_none=True)
 
     def on_train_end(self, trainer, pl_module):
-        model = pl_module.model
-        state = {k: _full(v) for k, v in DeltaModel(model).delta_state_dict().items()}  # collective: every rank
+        model, ids = pl_module.model, batches()[:4]
+        handle = DeltaModel(model)
+        state = {k: _full(v) for k, v in handle.delta_state_dict().items()}  # collective: every rank
         with torch.no_grad():
-            logits = model(input_ids=batches()[:4]).logits
+            logits = model(input_ids=ids).logits
+            handle.merge()
+            merged = model(input_ids=ids).logits
+            handle.unmerge()
+            unmerged = model(input_ids=ids).logits
+            with handle.mixed_batch(["lora", None, "lora", None]):
+                mixed = model(input_ids=ids).logits
+        self.report.update(merged=merged, unmerged=unmerged, mixed=mixed)
         self.report.update(state=state, final_logits=logits, steps=trainer.global_step, losses=pl_module.losses,
                            optimizer_states=len(trainer.optimizers[0].state),
                            world_size=trainer.world_size)
