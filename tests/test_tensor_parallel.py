@@ -233,3 +233,19 @@ def test_unsupported_delta_or_style_on_a_parallelized_target_names_module_and_fi
     tensor_parallel(model, mesh, layer_plan(**{"self_attn.q_proj": ColwiseParallel()}))
     with pytest.raises(DeltaConfigError, match="not supported"):
         shard(model, mesh)
+
+
+def test_ready_task_without_a_plan_refuses_tensor_parallel_size_above_one(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_delta.tasks import CausalLanguageModeling
+
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    task = CausalLanguageModeling(str(tmp_path / "llama"))
+    strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
+    strategy._device_mesh = {"tensor_parallel": SimpleNamespace(size=lambda: 2), "data_parallel": None}
+    task._trainer = SimpleNamespace(strategy=strategy)
+    with pytest.raises(DeltaConfigError, match="override configure_model and call lightning_delta.distributed"):
+        task.configure_model()
