@@ -55,7 +55,10 @@ def runs(tmp_path_factory):
     torch.save(state, root / "state.pt")
     source = str(root / "llama")
     reports = {"tensor_parallel": run(root / "tp", source, root / "state.pt"),
-               "late_attach": run(root / "late", source, root / "state.pt", "--late-attach")}
+               "late_attach": run(root / "late", source, root / "state.pt", "--late-attach"),
+               "two_epochs": run(root / "two", source, root / "state.pt", "--epochs", "2")}
+    reports["resumed"] = run(root / "resumed", source, root / "state.pt", "--epochs", "2",
+                             "--resume", str(root / "tp" / "final.ckpt"))
     return root, source, state, reports
 
 
@@ -154,6 +157,14 @@ def test_merge_unmerge_and_mixed_batches_under_tensor_parallelism(runs, mode):
         torch.testing.assert_close(report[key], report["final_logits"], rtol=0, atol=1e-5)
     torch.testing.assert_close(report["mixed"], mixed, rtol=0, atol=1e-5)
     torch.testing.assert_close(report["mixed"][1::2], plain[1::2], rtol=0, atol=1e-5)
+
+
+def test_resuming_from_the_delta_checkpoint_continues_like_an_uninterrupted_run(runs):
+    _, _, _, reports = runs
+    want, got = reports["two_epochs"], reports["resumed"]
+    assert want["steps"] == got["steps"] == 6
+    for key, value in want["state"].items():
+        torch.testing.assert_close(got["state"][key], value, rtol=0, atol=1e-6)
 
 
 # -- unsupported combinations, on a 1-rank mesh in this process -----------------------------------------

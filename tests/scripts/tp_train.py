@@ -1,14 +1,15 @@
 """Tensor parallelism: DeltaModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2) on CPU (gloo)
 with LoRA on every projection of a tiny Llama (q/k/v/gate/up column-parallel, o/down row-parallel).
 
-    python tests/scripts/tp_train.py OUT SOURCE STATE [--late-attach]
+    python tests/scripts/tp_train.py OUT SOURCE STATE [--late-attach] [--epochs N] [--resume CKPT]
 
 STATE holds full LoRA tensors to start from (B non-zero). By default configure_model calls
 ``tensor_parallel`` (DeltaCallback's deltas are attached first); with ``--late-attach`` it calls torch's
 ``parallelize_module`` and DeltaCallback attaches afterwards. Rank 0 writes OUT/report.pt: logits, loss
 and full LoRA gradients of the first batch before any step, the placements of each LoRA factor, the
-delta state after three AdamW steps and then the logits plain, merged, unmerged and in a mixed batch;
-every rank joins in saving OUT/final.ckpt.
+delta state after the AdamW steps (three an epoch) and then the logits plain, merged, unmerged and in a
+mixed batch; every rank joins in saving OUT/final.ckpt. With ``--resume`` the run starts from the
+checkpoint instead of STATE (and reports no first-batch values).
 """
 
 import argparse
@@ -65,10 +66,12 @@ class LlamaLM(pl.LightningModule):
 
 
 class Report(Callback):
-    def __init__(self, out: Path, state: dict) -> None:
+    def __init__(self, out: Path, state: dict | None) -> None:
         self.out, self.state, self.report = out, state, {}
 
     def on_train_start(self, trainer, pl_module):
+        if self.state is None:  # resumed from a checkpoint
+            return
         model = pl_module.model
         tensors = state_tensors(model)
         with torch.no_grad():
@@ -114,19 +117,21 @@ def main() -> None:
     parser.add_argument("source")
     parser.add_argument("state")
     parser.add_argument("--late-attach", action="store_true")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--resume")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(0)
     data = DataLoader(TensorDataset(batches()), batch_size=4)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, max_epochs=1, logger=False,
+        accelerator="cpu", devices=2, max_epochs=args.epochs, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         use_distributed_sampler=False,  # data_parallel_size=1: every rank sees every batch, in order
         strategy=DeltaModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2),
         callbacks=[DeltaCallback("lora", r=4, targets=TARGETS),
-                   Report(args.out, torch.load(args.state, weights_only=True))],
+                   Report(args.out, None if args.resume else torch.load(args.state, weights_only=True))],
     )
-    trainer.fit(LlamaLM(args.source, args.late_attach), data)
+    trainer.fit(LlamaLM(args.source, args.late_attach), data, ckpt_path=args.resume)
     trainer.save_checkpoint(args.out / "final.ckpt")
 
 
