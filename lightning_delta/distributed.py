@@ -140,9 +140,9 @@ def tensor_parallel(module: nn.Module, mesh: Any, plan: dict[str, Any]) -> nn.Mo
     Use it in ``configure_model`` instead of ``parallelize_module``, e.g. with Lightning's
     ``ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=N)``::
 
-        plan = {"model.layers.*.self_attn.q_proj": ColwiseParallel(), ..., "model.layers.*.mlp.down_proj":
-                RowwiseParallel()}
-        tensor_parallel(self.model, self.device_mesh["tensor_parallel"], plan)
+        plan = {"model.model.layers.*.self_attn.q_proj": ColwiseParallel(), ...,
+                "model.model.layers.*.mlp.down_proj": RowwiseParallel()}
+        tensor_parallel(self, self.device_mesh["tensor_parallel"], plan)
 
     Delta modules are taken out of their targets while the plan is applied (torch's styles would
     otherwise shard or replicate their tensors like the backbone's; ``ColwiseParallel`` fails on
@@ -150,16 +150,16 @@ def tensor_parallel(module: nn.Module, mesh: Any, plan: dict[str, Any]) -> nn.Mo
     attached after ``parallelize_module``; then call :func:`distribute_deltas` (``DeltaCallback``
     does, right after ``configure_model``).
 
-    Raises:
-        DeltaConfigError: a delta on a module the plan parallelized that is not LoRA (``init``
-            ``"default"`` / ``"gaussian"``, ``dropout=0``) on an ``nn.Linear`` with ``ColwiseParallel``
-            or ``RowwiseParallel``; the plan has been applied by then.
-
     Args:
         module: a LightningModule (its ``DeltaCallback`` deltas are attached first) or any module
             that already holds its deltas; the plan's names are relative to it.
         mesh: a 1-D device mesh, e.g. ``self.device_mesh["tensor_parallel"]``.
         plan: module name (``*`` wildcards allowed) -> ``ColwiseParallel()`` / ``RowwiseParallel()`` / ...
+
+    Raises:
+        DeltaConfigError: a delta on a module the plan parallelized that is not LoRA (``init``
+            ``"default"`` / ``"gaussian"``, ``dropout=0``) on an ``nn.Linear`` with ``ColwiseParallel``
+            or ``RowwiseParallel``; the plan has been applied by then.
     """
     from torch.distributed.tensor.parallel import parallelize_module
 
@@ -209,8 +209,8 @@ def distribute_deltas(module: nn.Module) -> None:
     target (weight ``Shard(1)``) the input sharded over features and the output a partial sum, so
     ``A`` is ``Shard(1)`` and ``B`` replicated, and the update joins the partial sum before the
     plan's all-reduce. The replicated factor's gradient comes out of backward as a partial sum
-(each rank's share); a post-accumulate-grad hook all-reduces it, so every rank steps the same
-full gradient.
+    (each rank's share); a post-accumulate-grad hook all-reduces it, so every rank steps the same
+    full gradient. Calling it again changes nothing.
 
     Raises :class:`DeltaConfigError` for any other delta on a parallelized module, naming it and the fix.
     """
