@@ -1,11 +1,13 @@
 """Deltas across processes: attach before sharding, FSDP2 sharding, delta-only FSDP2 checkpoints,
-and an FSDP1 auto-wrap policy that gives delta modules units of their own.
+tensor parallelism with LoRA on column- and row-parallel linears, and an FSDP1 auto-wrap policy
+that gives delta modules units of their own.
 
 With FSDP2 (Lightning's ``ModelParallelStrategy``) the backbone is built in
 ``configure_model``, after ``Callback.setup``. ``DeltaCallback`` then wraps ``configure_model``
 (:class:`AttachAfterConfigureModel`): after the user's code builds the backbone it attaches the
 deltas and, if the model is not sharded yet, calls :func:`shard`. A ``configure_model`` that
-shards by itself should call :func:`shard` instead of ``fully_shard``.
+shards by itself should call :func:`shard` instead of ``fully_shard``; one that applies a tensor
+parallel plan should call :func:`tensor_parallel` instead of ``parallelize_module``.
 """
 
 from __future__ import annotations
@@ -65,6 +67,12 @@ def shard(module: nn.Module, mesh: Any = None, *, reshard_after_forward: bool = 
     """
     from torch.distributed.fsdp import fully_shard
 
+    tp = [name for name, m in module.named_modules() if getattr(m, "_distribute_module_applied", False)]
+    if tp:
+        raise DeltaConfigError(
+            f"{type(module).__name__} is tensor parallel already ({tp[0]!r}, ...); FSDP2 on top of tensor"
+            " parallelism (a 2-D mesh) is not supported. Use data_parallel_size=1 with tensor_parallel(...),"
+            " or fully_shard only (shard(...))")
     roots: list[nn.Module] = []
     for callback in _delta_callbacks(module):
         callback.attach(module)
@@ -98,22 +106,184 @@ class AttachAfterConfigureModel:
     def __call__(self) -> None:
         pl_module = self.__wrapped__.__self__
         self.__wrapped__()
-        if not list(iter_deltas(pl_module)) and is_sharded(pl_module):
+        if not list(iter_deltas(pl_module)) and _fully_sharded(pl_module):
             raise DeltaConfigError(
                 f"{type(pl_module).__name__}.configure_model sharded the model before DeltaCallback could attach"
                 " its deltas. Call lightning_delta.distributed.shard(self, mesh) there instead of fully_shard"
                 " (it attaches, then shards), or only build the model and let DeltaCallback shard it."
             )
         self.callback.attach(pl_module)
+        distribute_deltas(pl_module)  # deltas attached after a tensor-parallel plan: lay them out like it
         strategy = pl_module.trainer.strategy
         if _is_model_parallel(strategy) and not is_sharded(pl_module):
             shard(pl_module, strategy.device_mesh["data_parallel"])
+
+
+def _fully_sharded(module: nn.Module) -> bool:
+    """Whether FSDP2 sharded ``module`` or a submodule (a tensor-parallel plan alone does not count)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
 def _is_model_parallel(strategy: Any) -> bool:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     return isinstance(strategy, ModelParallelStrategy)
+
+
+# -- tensor parallelism --------------------------------------------------------------------------
+def tensor_parallel(module: nn.Module, mesh: Any, plan: dict[str, Any]) -> nn.Module:
+    """Attaches pending deltas, applies a tensor-parallel ``plan`` (torch's ``parallelize_module``),
+    then lays out each LoRA factor to match its target (:func:`distribute_deltas`).
+
+    Use it in ``configure_model`` instead of ``parallelize_module``, e.g. with Lightning's
+    ``ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=N)``::
+
+        plan = {"model.model.layers.*.self_attn.q_proj": ColwiseParallel(), ...,
+                "model.model.layers.*.mlp.down_proj": RowwiseParallel()}
+        tensor_parallel(self, self.device_mesh["tensor_parallel"], plan)
+
+    Delta modules are taken out of their targets while the plan is applied (torch's styles would
+    otherwise shard or replicate their tensors like the backbone's; ``ColwiseParallel`` fails on
+    them with ``KeyError: 'parameter name can't contain "."'``), then put back. Deltas may also be
+    attached after ``parallelize_module``; then call :func:`distribute_deltas` (``DeltaCallback``
+    does, right after ``configure_model``).
+
+    Args:
+        module: a LightningModule (its ``DeltaCallback`` deltas are attached first) or any module
+            that already holds its deltas; the plan's names are relative to it.
+        mesh: a 1-D device mesh, e.g. ``self.device_mesh["tensor_parallel"]``.
+        plan: module name (``*`` wildcards allowed) -> ``ColwiseParallel()`` / ``RowwiseParallel()`` / ...
+
+    Raises:
+        DeltaConfigError: a delta on a module the plan parallelized that is not LoRA (``init``
+            ``"default"`` / ``"gaussian"``, ``dropout=0``) on an ``nn.Linear`` with ``ColwiseParallel``
+            or ``RowwiseParallel``; the plan has been applied by then.
+    """
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    for callback in _delta_callbacks(module):
+        callback.attach(module)
+    if getattr(mesh, "ndim", 1) != 1:
+        raise DeltaConfigError(f"tensor_parallel needs a 1-D mesh, got {mesh.ndim} dimensions:"
+                               " pass device_mesh['tensor_parallel']")
+    removed: list[tuple[nn.Module, dict[str, nn.Module]]] = []
+    for parent in list(module.modules()):
+        if any(isinstance(child, Delta) for child in parent._modules.values()):
+            removed.append((parent, dict(parent._modules)))
+            for key in [k for k, child in parent._modules.items() if isinstance(child, Delta)]:
+                del parent._modules[key]
+    try:
+        parallelize_module(module, mesh, plan)
+    finally:
+        for parent, children in removed:
+            parent._modules.clear()
+            parent._modules.update(children)
+    distribute_deltas(module)
+    return module
+
+
+#: (A placement, B placement) beside the supported tensor-parallel styles of nn.Linear
+_LINEAR_TP = {"ColwiseParallel": ("replicate", 0), "RowwiseParallel": (1, "replicate")}
+
+
+def _tp_ancestor(module: nn.Module, target_path: str) -> str | None:
+    """The name of the nearest module at or above ``target_path`` that a tensor-parallel style was applied to."""
+    parts = target_path.split(".") if target_path else []
+    for n in range(len(parts), -1, -1):
+        path = ".".join(parts[:n])
+        if getattr(module.get_submodule(path), "_distribute_module_applied", False):
+            return path
+    return None
+
+
+def distribute_deltas(module: nn.Module) -> None:
+    """Lays out the factors of each LoRA whose target a tensor-parallel plan parallelized, and makes
+    its forward hook run before the plan's output hook. A no-op for a model without a plan.
+
+    Our LoRA is a forward hook on its target that reads the target's input and adds to its output.
+    Moved before the plan's output hook it sees both as DTensors: for a column-parallel target
+    (weight ``Shard(0)``) the input replicated and the output sharded over features, so ``A`` is
+    replicated and ``B`` is ``Shard(0)`` (each rank adds its own output slice); for a row-parallel
+    target (weight ``Shard(1)``) the input sharded over features and the output a partial sum, so
+    ``A`` is ``Shard(1)`` and ``B`` replicated, and the update joins the partial sum before the
+    plan's all-reduce. The replicated factor's gradient comes out of backward as a partial sum
+    (each rank's share); a post-accumulate-grad hook all-reduces it, so every rank steps the same
+    full gradient. Calling it again changes nothing.
+
+    Raises :class:`DeltaConfigError` for any other delta on a parallelized module, naming it and the fix.
+    """
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    from lightning_delta.methods.lora import LoRALinear
+
+    for d in iter_deltas(module):
+        where = _tp_ancestor(module, d.target_path)
+        if where is None:
+            continue
+        target = module.get_submodule(d.target_path)
+        fix = (f" Leave {where!r} out of the plan, or {d.target_path!r} out of the delta's targets"
+               f" (exclude=[{d.target_path.rsplit('.', 1)[-1]!r}]).")
+        if where != d.target_path:
+            raise DeltaConfigError(
+                f"delta {d.path!r}: its target sits inside {where!r}, which the tensor-parallel plan parallelized"
+                " as a whole; deltas support plan entries on their target linear itself." + fix)
+        weight = getattr(target, "weight", None)
+        style = None
+        if isinstance(weight, DTensor) and type(target) is nn.Linear and weight.device_mesh.ndim == 1:
+            style = {Shard(0): "ColwiseParallel", Shard(1): "RowwiseParallel"}.get(weight.placements[0])
+        if style is None:
+            placements = weight.placements if isinstance(weight, DTensor) else None
+            raise DeltaConfigError(
+                f"delta {d.path!r}: its target {d.target_path!r} ({type(target).__name__}, weight placements"
+                f" {placements}) is parallelized in a way deltas do not support; supported are nn.Linear targets"
+                " with ColwiseParallel() or RowwiseParallel() on a 1-D mesh." + fix)
+        if not isinstance(d.module, LoRALinear):
+            raise DeltaConfigError(
+                f"delta {d.path!r}: {d.module.config.method!r} cannot run on the {style} target"
+                f" {d.target_path!r}; under tensor parallelism only LoRA (init='default' or 'gaussian',"
+                " dropout=0) supports parallelized targets." + fix)
+        if d.module.residual or d.module.config.dropout > 0:
+            raise DeltaConfigError(
+                f"delta {d.path!r}: LoRA with init={d.module.config.init!r}, dropout={d.module.config.dropout}"
+                f" cannot run on the {style} target {d.target_path!r}; use init='default' or 'gaussian' and"
+                " dropout=0 there." + fix)
+        mesh = weight.device_mesh
+        a_dim, b_dim = _LINEAR_TP[style]
+        for name, dim in (("A", a_dim), ("B", b_dim)):
+            param = getattr(d.module, name)
+            placements = [Replicate() if dim == "replicate" else Shard(dim)]
+            if isinstance(param, DTensor):
+                if param.device_mesh == mesh and list(param.placements) == placements:
+                    continue
+                value = param.redistribute(mesh, placements) if param.device_mesh == mesh else None
+                if value is None:
+                    raise DeltaConfigError(f"delta {d.path!r}: {name} lives on another device mesh than"
+                                           f" {d.target_path!r}'s weight; attach the delta before sharding")
+            else:
+                value = distribute_tensor(param.detach().to(weight.device), mesh, placements)
+            param = nn.Parameter(value.detach(), requires_grad=param.requires_grad)
+            if dim == "replicate":
+                # its gradient arrives as a partial sum over the ranks: reduce it, or the optimizer steps
+                # each rank's copy with its own part
+                param.register_post_accumulate_grad_hook(_grad_like_param)
+            d.module.register_parameter(name, param)
+        _hooks_first(d.module, target)
+
+
+def _grad_like_param(param: torch.Tensor) -> None:
+    """Lays out a DTensor parameter's gradient like the parameter (a ``Partial`` sum to ``Replicate``)."""
+    grad = param.grad
+    if grad is not None and tuple(grad.placements) != tuple(param.placements):
+        param.grad = grad.redistribute(param.device_mesh, param.placements)
+
+
+def _hooks_first(delta: Delta, target: nn.Module) -> None:
+    """Moves ``delta``'s forward hooks on ``target`` ahead of the others (the plan's output hook)."""
+    ours = [k for k, hook in target._forward_hooks.items() if getattr(hook, "__self__", None) is delta]
+    for key in reversed(ours):
+        target._forward_hooks.move_to_end(key, last=False)
 
 
 # -- FSDP2 checkpoints ---------------------------------------------------------------------------

@@ -154,6 +154,11 @@ class LoRA(Delta):
     def add(self, output: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         """``output + update``; in a mixed batch only on the rows that select this delta."""
         gate = self.row_gate(output)
+        if gate is not None and type(update).__name__ == "DTensor":  # a tensor-parallel target: the mask on every rank
+            from torch.distributed.tensor import DTensor, Replicate
+
+            mesh = update.device_mesh
+            gate = DTensor.from_local(gate, mesh, [Replicate()] * mesh.ndim, run_check=False)
         return output + (update if gate is None else update * gate)
 
     def delta_weight(self, target: nn.Module) -> torch.Tensor:

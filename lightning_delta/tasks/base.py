@@ -11,6 +11,7 @@ from typing_extensions import override
 from lightning_delta.checkpoint import META_KEY, attach_from_checkpoint
 from lightning_delta.checkpointing import enable_checkpointing
 from lightning_delta.distributed import is_sharded, shard
+from lightning_delta.errors import DeltaConfigError
 from lightning_delta.optim import param_groups
 from lightning_delta.tasks.sources import resolve_source
 
@@ -99,7 +100,8 @@ class DeltaTask(pl.LightningModule):
     def configure_model(self) -> None:
         """Turns on activation checkpointing if asked; under ``ModelParallelStrategy`` /
         ``DeltaModelParallelStrategy`` (FSDP2) shards the backbone, each delta module and each
-        repeated block in units of their own."""
+        repeated block in units of their own. With ``tensor_parallel_size > 1`` override it and call
+        :func:`~lightning_delta.distributed.tensor_parallel` with the model's plan."""
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         if self.gradient_checkpointing:
@@ -107,6 +109,12 @@ class DeltaTask(pl.LightningModule):
 
         strategy = self._trainer.strategy if self._trainer is not None else None  # None in load_from_checkpoint
         if isinstance(strategy, ModelParallelStrategy) and not is_sharded(self):
+            if strategy.device_mesh["tensor_parallel"].size() > 1:
+                raise DeltaConfigError(
+                    f"{type(self).__name__} has no tensor-parallel plan for tensor_parallel_size="
+                    f"{strategy.device_mesh['tensor_parallel'].size()}: override configure_model and call"
+                    " lightning_delta.distributed.tensor_parallel(self, self.device_mesh['tensor_parallel'], plan)"
+                    " (see the README's 'Tensor parallelism'), or use tensor_parallel_size=1")
             shard(self, strategy.device_mesh["data_parallel"])
 
     @override
