@@ -397,11 +397,19 @@ def attach_config(model: nn.Module, config: DeltaConfig, seed: int | None = None
         built.append((target, config.build(target, delta_seed(seed, f"{target_name}.{name}"), target_name)))
     config.tie([delta for _, delta in built])
     config = dataclasses.replace(config, name=name)
-    for target, delta in built:
-        delta.config = config
-        target.add_module(name, delta)
-        delta.hook_into(target)
-        delta.on_attach(target)
+    placed: list[tuple[nn.Module, Delta]] = []
+    try:
+        for target, delta in built:
+            delta.config = config
+            target.add_module(name, delta)
+            placed.append((target, delta))
+            delta.hook_into(target)
+            delta.on_attach(target)
+    except Exception:  # e.g. a library refusing to hook: leave the model as it was
+        for target, delta in placed:
+            delta.unhook_from(target)
+            delattr(target, name)
+        raise
     return name
 
 

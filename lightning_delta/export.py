@@ -176,10 +176,7 @@ def _import_config(peft_config: dict[str, Any], parts: dict[str, dict[str, torch
                 " prompts and prefixes are single (the encoder side for T5); attach through PEFT instead")
         method = "prompt" if kind == "PROMPT_TUNING" else "prefix"
         return make_config(method, num_virtual_tokens=int(peft_config["num_virtual_tokens"]), **common)
-    raise DeltaConfigError(
-        f"PEFT type {kind!r} has no native lightning_delta equivalent (importable: LORA, IA3, PROMPT_TUNING,"
-        " PREFIX_TUNING); attach it through the PEFT backend: attach(model, peft_config=peft.PeftConfig"
-        ".from_pretrained(dir)) and load its weights with peft.set_peft_model_state_dict")
+    return None  # no native equivalent: PEFT's own layers (see _import_through_peft)
 
 
 def import_peft(model: nn.Module, directory: str | Path, name: str | None = None) -> DeltaModel:
@@ -188,10 +185,12 @@ def import_peft(model: nn.Module, directory: str | Path, name: str | None = None
     ``model`` is the base model the adapter was trained on (the transformers model, not a
     ``PeftModel``). A sequence classifier's head saved by PEFT (``modules_to_save``) is loaded into
     the backbone and made trainable. The outputs equal ``PeftModel.from_pretrained(model, directory)``'s.
+    PEFT types without a native equivalent (LoHa, LoKr, VeRA, OFT, AdaLoRA, ...) are attached through
+    the PEFT backend (:class:`~lightning_delta.methods.peft_backend.PeftDeltaConfig`), needing ``peft``.
 
     Raises:
         CheckpointReadError: the folder is not a readable PEFT adapter.
-        DeltaConfigError: a PEFT type or option without a native equivalent.
+        DeltaConfigError: a LoRA option without a native equivalent (rank/alpha patterns, bias).
         DeltaStateError: the adapter does not fit ``model``; the model is left as it was.
     """
     from lightning_delta.core import detach_delta
@@ -201,6 +200,8 @@ def import_peft(model: nn.Module, directory: str | Path, name: str | None = None
     peft_config, tensors = read_peft_dir(directory)
     parts, others, wrapped = _split(tensors)
     config = _import_config(peft_config, parts, name)
+    if config is None:
+        return _import_through_peft(model, peft_config, tensors, name)
     handle = DeltaModel(model)
     before = set(handle.configs)
     model_tensors = state_tensors(model)
@@ -227,3 +228,40 @@ def import_peft(model: nn.Module, directory: str | Path, name: str | None = None
         detach_delta(model, delta_name)
         raise
     return handle.freeze_backbone([*getattr(model, TRAINABLE_ATTR, ()), *heads])
+
+
+def _import_through_peft(model: nn.Module, peft_config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                         name: str | None) -> DeltaModel:
+    """A PEFT adapter without a native equivalent, injected by PEFT and handled like a native delta."""
+    from lightning_delta.core import detach_delta
+    from lightning_delta.errors import DeltaStateError
+    from lightning_delta.methods.peft_backend import PeftDeltaConfig, _require_peft
+    from lightning_delta.state import load_into, state_tensors
+
+    peft = _require_peft()
+    # trainable, and no task type: PEFT would wrap a classifier head (modules_to_save) and rename its
+    # tensors; the head loads into the backbone as it is, like the native path
+    settings = {k: v for k, v in peft_config.items() if not k.startswith("_")}
+    settings.update(inference_mode=False, task_type=None, modules_to_save=None)
+    handle = DeltaModel(model)
+    before = set(handle.configs)
+    try:
+        handle.attach(PeftDeltaConfig(peft=settings, **({"name": name} if name else {})))
+    except ValueError as err:  # PEFT's own refusal, e.g. VeRA's shared state outside get_peft_model
+        raise DeltaConfigError(f"PEFT cannot attach this {peft_config.get('peft_type')} adapter to a plain model"
+                               f" ({err}); load it with peft.PeftModel.from_pretrained(model, dir) instead") from err
+    delta_name = next(n for n in handle.configs if n not in before)
+    try:
+        state = {k[len(_PREFIX):] if k.startswith(_PREFIX) else k: v for k, v in tensors.items()}
+        adapter = {k: v for k, v in state.items() if k not in state_tensors(model)}
+        heads = {k: v for k, v in state.items() if k not in adapter}
+        result = peft.set_peft_model_state_dict(model, adapter, adapter_name=delta_name)
+        if result.unexpected_keys:
+            raise DeltaStateError(f"the adapter does not fit {type(model).__name__}: no place for"
+                                  f" {result.unexpected_keys[:5]}; load it into the base model it was trained on")
+        load_into(model, heads, set(heads), strict=True)
+    except Exception:
+        detach_delta(model, delta_name)
+        raise
+    modules = sorted({k.rsplit(".", 1)[0] for k in heads})
+    return handle.freeze_backbone([*getattr(model, TRAINABLE_ATTR, ()), *modules])

@@ -101,18 +101,51 @@ def test_imported_peft_adapter_gives_peft_outputs(tmp_path, family, make):
         torch.testing.assert_close(family_output(again, inputs), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("make", [lambda: peft.LoHaConfig(target_modules=["query", "value"], task_type="SEQ_CLS"),
+                                  lambda: peft.LoKrConfig(r=2, target_modules=["query", "value"]),
+                                  lambda: peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10,
+                                                             target_modules=["query"])],
+                         ids=["loha-cls", "lokr", "adalora"])
+def test_other_peft_types_import_through_the_peft_backend(tmp_path, make):
+    from lightning_delta.export import import_peft
+
+    base = tiny_bert().eval()
+    trained = peft.get_peft_model(copy.deepcopy(base), make())
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.5)
+    trained.save_pretrained(str(tmp_path))
+    reference = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    model = copy.deepcopy(base)
+    handle = import_peft(model, tmp_path)
+    assert handle.configs[next(iter(handle.configs))].method == "peft"
+    inputs = family_inputs("bert")
+    expected = family_output(reference, inputs)
+    assert not torch.allclose(family_output(base, inputs), expected, atol=1e-5)
+    torch.testing.assert_close(family_output(model, inputs), expected, rtol=1e-5, atol=1e-5)
+    heads = {n for n, p in model.named_parameters() if p.requires_grad and n.startswith("classifier.")}
+    assert bool(heads) == (make().task_type == "SEQ_CLS")
+    # and the delta-only state round-trips like a native delta's
+    fresh = copy.deepcopy(base)
+    import_peft(fresh, tmp_path)
+    DeltaModel(fresh).load_delta_state_dict(handle.delta_state_dict())
+    torch.testing.assert_close(family_output(fresh, inputs), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_import_refuses_what_it_cannot_represent(tmp_path):
     from lightning_delta import CheckpointReadError
     from lightning_delta.export import import_peft
 
     base = tiny_bert()
-    for folder, config in [("loha", peft.LoHaConfig(target_modules=["query"])),
-                           ("pattern", peft.LoraConfig(target_modules=["query", "value"], rank_pattern={"query": 2}))]:
+    for folder, config in [("pattern", peft.LoraConfig(target_modules=["query", "value"], rank_pattern={"query": 2}))]:
         peft.get_peft_model(copy.deepcopy(base), config).save_pretrained(str(tmp_path / folder))
     model = copy.deepcopy(base)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(DeltaConfigError, match="'LOHA' has no native lightning_delta equivalent.*peft_config"):
-        import_peft(model, tmp_path / "loha")
+    peft.get_peft_model(copy.deepcopy(base), peft.VeraConfig(r=8, target_modules=["query"])).save_pretrained(
+        str(tmp_path / "vera"))
+    with pytest.raises(DeltaConfigError, match="PEFT cannot attach this VERA adapter.*PeftModel.from_pretrained"):
+        import_peft(model, tmp_path / "vera")
     with pytest.raises(DeltaConfigError, match="rank_pattern"):
         import_peft(model, tmp_path / "pattern")
     (tmp_path / "pickled").mkdir()
