@@ -62,7 +62,14 @@ def backbone_for(ckpt: Mapping[str, Any], model: str | None = None) -> tuple[nn.
         raise DeltaStateError(f"the backbone class {class_name!r} is not a transformers class; rebuild your model"
                               " in Python and use lightning_delta.load_delta(model, ckpt)")
     kwargs = {"config": cls.config_class.from_dict(source["config"])} if source.get("config") else {}
-    return cls.from_pretrained(name, **kwargs).eval(), name
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a head "newly initialized" here comes from the delta checkpoint next
+    try:
+        return cls.from_pretrained(name, **kwargs).eval(), name
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def export(ckpt_path: str, to: str, directory: str, model: str | None = None, name: str | None = None) -> Path:
