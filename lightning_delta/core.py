@@ -99,6 +99,34 @@ class DeltaConfig:
         """
         raise DeltaConfigError(f"PEFT has no equivalent of {self.method!r}")
 
+    #: PEFT's ``peft_type`` that :func:`~lightning_delta.export.import_peft` reads as this method
+    peft_type: ClassVar[str | None] = None
+
+    @classmethod
+    def from_peft(cls, settings: dict[str, Any], parts: dict[str, dict[str, torch.Tensor]],
+                  name: str | None) -> DeltaConfig:
+        """The config of a PEFT adapter of this method (the inverse of :meth:`peft_config`).
+
+        Args:
+            settings: the adapter's ``adapter_config.json``.
+            parts: its tensors by target path, then by PEFT's name on the target (``"lora_A.weight"``).
+            name: the delta's name, or ``None`` for the default.
+
+        Raises:
+            DeltaConfigError: a PEFT option this method does not have.
+        """
+        raise DeltaConfigError(f"{cls.method!r} does not import PEFT adapters")
+
+    @classmethod
+    def refuse_peft_options(cls, settings: dict[str, Any], defaults: dict[str, Any]) -> None:
+        """Raises :class:`DeltaConfigError` naming PEFT options set away from ``defaults`` (no equivalent here)."""
+        unsupported = {k: settings[k] for k, v in defaults.items() if settings.get(k, v) not in (v, None)}
+        if unsupported:
+            raise DeltaConfigError(
+                f"this PEFT adapter uses {unsupported}, which lightning_delta's {cls.method!r} does not have;"
+                " load it with peft.PeftModel.from_pretrained(model, dir), or attach it through PEFT"
+                " (attach(model, peft_config=...))")
+
     @classmethod
     def exports_to_peft(cls) -> bool:
         """Whether :meth:`peft_config` is implemented."""
@@ -235,6 +263,16 @@ class Delta(nn.Module):
     def peft_state(self, prefix: str) -> dict[str, torch.Tensor]:
         """This delta's tensors under PEFT's names; ``prefix`` is ``base_model.model.<target path>``."""
         raise DeltaConfigError(f"PEFT has no equivalent of {self.config.method!r}")
+
+    def load_peft_state(self, parts: dict[str, torch.Tensor],
+                        shared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This delta's tensors, by attribute name, from a PEFT adapter (the inverse of :meth:`peft_state`).
+
+        Args:
+            parts: PEFT's tensors on this delta's target, by their name there (``"lora_A.weight"``).
+            shared: the adapter's tensors that sit on no target (``"prompt_embeddings"``, VeRA's projections).
+        """
+        raise DeltaConfigError(f"{self.config.method!r} does not import PEFT adapters")
 
     def on_attach(self, target: nn.Module) -> None:
         """Called once after the hooks are installed at attach: changes to the target itself (none here)."""

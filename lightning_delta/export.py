@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from lightning_delta.core import iter_deltas
-from lightning_delta.errors import CheckpointReadError, DeltaConfigError
+from lightning_delta.errors import CheckpointReadError, DeltaConfigError, DeltaStateError
 from lightning_delta.handle import DeltaModel
-from lightning_delta.state import TRAINABLE_ATTR, canonical, trainable_module_names
+from lightning_delta.state import TRAINABLE_ATTR, canonical, load_into, state_tensors, trainable_module_names
 
 def peft_methods() -> list[str]:
     """The registered methods :func:`export_peft` can write (those whose config implements ``peft_config``)."""
@@ -106,8 +106,6 @@ def export_peft(model: nn.Module, directory: str | Path, name: str | None = None
 
 PEFT_CONFIG, PEFT_TENSORS = "adapter_config.json", "adapter_model.safetensors"
 _PREFIX = "base_model.model."
-_PEFT_PARTS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "A", "lora_embedding_B": "B",
-               "lora_magnitude_vector": "magnitude", "ia3_l": "scale", "lora_magnitude_vector.weight": "magnitude"}
 
 
 def read_peft_dir(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -131,52 +129,47 @@ def read_peft_dir(directory: str | Path) -> tuple[dict[str, Any], dict[str, torc
                                   f" ({PEFT_CONFIG} + {PEFT_TENSORS}): {err}") from err
 
 
-def _split(tensors: dict[str, torch.Tensor]):
-    """Adapter tensors by target path and part; the other tensors by backbone key; which of those PEFT wrapped."""
+def peft_importers() -> dict[str, type]:
+    """The registered configs :func:`import_peft` reads natively, by PEFT's ``peft_type``."""
+    from lightning_delta.methods import METHODS
+
+    return {cls.peft_type: cls for cls in METHODS.values() if cls.peft_type}
+
+
+def _split(model: nn.Module, tensors: dict[str, torch.Tensor]):
+    """An adapter's tensors sorted out against ``model``.
+
+    Returns:
+        ``parts`` (adapter tensors by target path, then by PEFT's name on the target), ``shared``
+        (tensors on no target), ``backbone`` (tensors with a place in the model: heads PEFT trained
+        whole, embeddings it saved beside an embedding LoRA, by backbone key) and ``heads`` (the
+        modules of the former, to train).
+    """
+    modules = {name for name, _ in model.named_modules()}
+    model_tensors = set(state_tensors(model))
     parts: dict[str, dict[str, torch.Tensor]] = {}
-    others: dict[str, torch.Tensor] = {}
-    wrapped: set[str] = set()
+    shared: dict[str, torch.Tensor] = {}
+    backbone: dict[str, torch.Tensor] = {}
+    heads: set[str] = set()
     for key, tensor in tensors.items():
-        rest = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
-        for suffix, part in _PEFT_PARTS.items():
-            if rest.endswith("." + suffix):
-                parts.setdefault(rest[: -len(suffix) - 1], {})[part] = tensor
-                break
-        else:  # a head PEFT trained whole (modules_to_save), or an embedding it saved beside a LoRA
-            others[canonical(rest.replace("modules_to_save.", "").replace("original_module.", ""))] = tensor
-            if ".base_layer." in rest:
-                wrapped.add(canonical(rest))
-    return parts, others, wrapped
-
-
-def _import_config(peft_config: dict[str, Any], parts: dict[str, dict[str, torch.Tensor]], name: str | None):
-    from lightning_delta.methods import make_config
-
-    kind = peft_config.get("peft_type")
-    common = {"name": name} if name else {}
-    if kind == "LORA":
-        unsupported = {k: peft_config[k] for k in ("rank_pattern", "alpha_pattern") if peft_config.get(k)}
-        if peft_config.get("bias", "none") != "none":
-            unsupported["bias"] = peft_config["bias"]
-        if unsupported:
-            raise DeltaConfigError(
-                f"this PEFT LoRA uses {unsupported}, which lightning_delta's LoRA does not have (one rank and alpha"
-                " per delta, no bias training); attach it through PEFT instead: attach(model, peft_config=...)")
-        method = "dora" if peft_config.get("use_dora") else "lora"
-        return make_config(method, r=int(peft_config["r"]), alpha=float(peft_config["lora_alpha"]),
-                           dropout=float(peft_config.get("lora_dropout") or 0.0),
-                           rslora=bool(peft_config.get("use_rslora")), targets=sorted(parts), **common)
-    if kind == "IA3":
-        feedforward = sorted(path for path, t in parts.items() if t["scale"].shape[0] == 1 and t["scale"].dim() == 2)
-        return make_config("ia3", targets=sorted(parts), feedforward=feedforward, **common)
-    if kind in ("PROMPT_TUNING", "PREFIX_TUNING"):
-        if peft_config.get("num_transformer_submodules") not in (None, 1):
-            raise DeltaConfigError(
-                f"num_transformer_submodules={peft_config['num_transformer_submodules']}: lightning_delta's soft"
-                " prompts and prefixes are single (the encoder side for T5); attach through PEFT instead")
-        method = "prompt" if kind == "PROMPT_TUNING" else "prefix"
-        return make_config(method, num_virtual_tokens=int(peft_config["num_virtual_tokens"]), **common)
-    return None  # no native equivalent: PEFT's own layers (see _import_through_peft)
+        if not key.startswith(_PREFIX):
+            shared[key] = tensor
+            continue
+        rest = key[len(_PREFIX):]
+        plain = canonical(rest.replace("modules_to_save.", "").replace("original_module.", ""))
+        if plain in model_tensors:  # a head (modules_to_save) or a wrapped embedding PEFT saved as it is
+            backbone[plain] = tensor
+            if ".base_layer." not in rest:
+                heads.add(plain.rsplit(".", 1)[0])
+            continue
+        pieces = rest.split(".")
+        target = next((".".join(pieces[:n]) for n in range(len(pieces) - 1, 0, -1)
+                       if ".".join(pieces[:n]) in modules), None)
+        if target is None:
+            raise DeltaStateError(f"the adapter does not fit {type(model).__name__}: no place for {key!r}; load it"
+                                  " into the base model it was trained on")
+        parts.setdefault(target, {})[rest[len(target) + 1:]] = tensor
+    return parts, shared, backbone, sorted(heads)
 
 
 def import_peft(model: nn.Module, directory: str | Path, name: str | None = None) -> DeltaModel:
@@ -185,45 +178,37 @@ def import_peft(model: nn.Module, directory: str | Path, name: str | None = None
     ``model`` is the base model the adapter was trained on (the transformers model, not a
     ``PeftModel``). A sequence classifier's head saved by PEFT (``modules_to_save``) is loaded into
     the backbone and made trainable. The outputs equal ``PeftModel.from_pretrained(model, directory)``'s.
-    PEFT types without a native equivalent (LoHa, LoKr, VeRA, OFT, AdaLoRA, ...) are attached through
-    the PEFT backend (:class:`~lightning_delta.methods.peft_backend.PeftDeltaConfig`), needing ``peft``.
+    Read natively: LoRA (incl. DoRA and embedding LoRA), IA3, VeRA, LoHa, LoKr, OFT, prompt and prefix
+    tuning (each config's ``from_peft`` and each delta's ``load_peft_state``); other PEFT types (AdaLoRA,
+    ...) are attached through the PEFT backend (:class:`~lightning_delta.methods.peft_backend.PeftDeltaConfig`).
 
     Raises:
         CheckpointReadError: the folder is not a readable PEFT adapter.
-        DeltaConfigError: a LoRA option without a native equivalent (rank/alpha patterns, bias).
+        DeltaConfigError: a PEFT option the method does not have (LoRA rank/alpha patterns, bias training, ...).
         DeltaStateError: the adapter does not fit ``model``; the model is left as it was.
     """
     from lightning_delta.core import detach_delta
-    from lightning_delta.errors import DeltaStateError
-    from lightning_delta.state import load_into, state_tensors
 
-    peft_config, tensors = read_peft_dir(directory)
-    parts, others, wrapped = _split(tensors)
-    config = _import_config(peft_config, parts, name)
-    if config is None:
-        return _import_through_peft(model, peft_config, tensors, name)
+    settings, tensors = read_peft_dir(directory)
+    config_cls = peft_importers().get(settings.get("peft_type"))
+    if config_cls is None:
+        return _import_through_peft(model, settings, tensors, name)
+    parts, shared, backbone, heads = _split(model, tensors)
+    config = config_cls.from_peft(settings, parts, name)
     handle = DeltaModel(model)
     before = set(handle.configs)
-    model_tensors = state_tensors(model)
-    unknown = [k for k in others if k not in model_tensors and k != "prompt_embeddings"]
-    if unknown:
-        raise DeltaStateError(f"the adapter does not fit {type(model).__name__}: no place for {unknown[:5]};"
-                              " load it into the base model it was trained on")
-    # modules PEFT trained whole (its modules_to_save) train here too; an embedding PEFT saved beside an
-    # embedding LoRA (its keys name the wrapped ``base_layer``) loads as it is and stays frozen
-    heads = sorted({k.rsplit(".", 1)[0] for k in others if k != "prompt_embeddings" and k not in wrapped})
     handle.attach(config)
     delta_name = next(n for n in handle.configs if n not in before)
     try:
-        state = {k: v for k, v in others.items() if k != "prompt_embeddings"}
+        state = dict(backbone)
         for d in handle.deltas(delta_name):
-            if d.module.config.method in ("prompt", "prefix"):
-                state[f"{d.path}.embedding"] = others["prompt_embeddings"]
-                continue
-            for part, tensor in parts[d.target_path].items():
-                mine = getattr(d.module, part)
-                state[f"{d.path}.{part}"] = tensor.reshape(mine.shape)
+            found = d.module.load_peft_state(parts.get(d.target_path, {}), shared)
+            state.update({f"{d.path}.{k}" if d.path else k: v for k, v in found.items()})
         load_into(model, state, set(state), strict=True)
+    except (KeyError, RuntimeError) as err:
+        detach_delta(model, delta_name)
+        raise DeltaStateError(f"the adapter does not fit {type(model).__name__} ({type(err).__name__}: {err});"
+                              " load it into the base model it was trained on") from err
     except Exception:
         detach_delta(model, delta_name)
         raise
@@ -234,9 +219,7 @@ def _import_through_peft(model: nn.Module, peft_config: dict[str, Any], tensors:
                          name: str | None) -> DeltaModel:
     """A PEFT adapter without a native equivalent, injected by PEFT and handled like a native delta."""
     from lightning_delta.core import detach_delta
-    from lightning_delta.errors import DeltaStateError
     from lightning_delta.methods.peft_backend import PeftDeltaConfig, _require_peft
-    from lightning_delta.state import load_into, state_tensors
 
     peft = _require_peft()
     # trainable, and no task type: PEFT would wrap a classifier head (modules_to_save) and rename its

@@ -65,11 +65,16 @@ IMPORTS = [
     ("bert", lambda: peft.IA3Config(target_modules=["key", "output.dense"], feedforward_modules=["output.dense"])),
     ("gpt2", lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
     ("llama", lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+    ("bert", lambda: peft.VeraConfig(r=8, target_modules=["query", "value"])),
+    ("bert", lambda: peft.LoHaConfig(r=4, alpha=6, target_modules=["query", "value"], task_type="SEQ_CLS")),
+    ("llama", lambda: peft.LoKrConfig(r=2, alpha=3, target_modules=["q_proj", "v_proj"])),
+    ("llama", lambda: peft.OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "v_proj"])),
 ]
 
 
 @pytest.mark.parametrize(("family", "make"), IMPORTS, ids=["lora-bert-cls", "lora-gpt2-conv1d", "lora-llama-embed",
-                                                            "dora-llama", "ia3-bert", "prompt-gpt2", "prefix-llama"])
+                                                            "dora-llama", "ia3-bert", "prompt-gpt2", "prefix-llama",
+                                                            "vera-bert", "loha-bert-cls", "lokr-llama", "oft-llama"])
 def test_imported_peft_adapter_gives_peft_outputs(tmp_path, family, make):
     from lightning_delta.export import import_peft
 
@@ -101,11 +106,10 @@ def test_imported_peft_adapter_gives_peft_outputs(tmp_path, family, make):
         torch.testing.assert_close(family_output(again, inputs), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("make", [lambda: peft.LoHaConfig(target_modules=["query", "value"], task_type="SEQ_CLS"),
-                                  lambda: peft.LoKrConfig(r=2, target_modules=["query", "value"]),
+@pytest.mark.parametrize("make", [lambda: peft.HRAConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS"),
                                   lambda: peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10,
                                                              target_modules=["query"])],
-                         ids=["loha-cls", "lokr", "adalora"])
+                         ids=["hra-cls", "adalora"])
 def test_other_peft_types_import_through_the_peft_backend(tmp_path, make):
     from lightning_delta.export import import_peft
 
@@ -142,10 +146,10 @@ def test_import_refuses_what_it_cannot_represent(tmp_path):
         peft.get_peft_model(copy.deepcopy(base), config).save_pretrained(str(tmp_path / folder))
     model = copy.deepcopy(base)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    peft.get_peft_model(copy.deepcopy(base), peft.VeraConfig(r=8, target_modules=["query"])).save_pretrained(
-        str(tmp_path / "vera"))
-    with pytest.raises(DeltaConfigError, match="PEFT cannot attach this VERA adapter.*PeftModel.from_pretrained"):
-        import_peft(model, tmp_path / "vera")
+    peft.get_peft_model(copy.deepcopy(base), peft.LoHaConfig(target_modules=["query"], rank_dropout=0.1)
+                        ).save_pretrained(str(tmp_path / "dropout"))
+    with pytest.raises(DeltaConfigError, match="uses {'rank_dropout': 0.1}.*'loha' does not have"):
+        import_peft(model, tmp_path / "dropout")
     with pytest.raises(DeltaConfigError, match="rank_pattern"):
         import_peft(model, tmp_path / "pattern")
     (tmp_path / "pickled").mkdir()

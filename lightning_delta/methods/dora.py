@@ -50,6 +50,10 @@ class DoRA(LoRALinear):
         self.magnitude = nn.Parameter(torch.ones(self.B.shape[0], **self.factory))
         self.merged_norm: torch.Tensor | None = None
 
+    def load_peft_state(self, parts, shared):
+        magnitude = parts.get("lora_magnitude_vector", parts.get("lora_magnitude_vector.weight"))
+        return {**super().load_peft_state(parts, shared), "magnitude": magnitude.reshape(self.magnitude.shape)}
+
     def peft_state(self, prefix: str) -> dict[str, torch.Tensor]:
         return {**super().peft_state(prefix), f"{prefix}.lora_magnitude_vector": self.magnitude.detach()}
 

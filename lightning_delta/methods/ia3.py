@@ -59,6 +59,14 @@ class IA3Config(DeltaConfig):
         return peft.IA3Config(target_modules=[d.target_path for d in deltas],
                               feedforward_modules=[d.target_path for d in deltas if d.module.on_input], **common)
 
+    peft_type = "IA3"
+
+    @classmethod
+    def from_peft(cls, settings, parts, name):
+        # PEFT stores a feed-forward (input) scale as (1, in), an output scale as (out, 1)
+        feedforward = sorted(p for p, t in parts.items() if t["ia3_l"].dim() == 2 and t["ia3_l"].shape[0] == 1)
+        return cls(targets=sorted(parts), feedforward=feedforward, **({"name": name} if name else {}))
+
     def supports(self, module: nn.Module) -> bool:
         return is_linear_like(module)
 
@@ -99,6 +107,9 @@ class IA3(Delta):
             return None
         x = args[0]
         return (x * self._factor(x), *args[1:]), kwargs
+
+    def load_peft_state(self, parts, shared):
+        return {"scale": parts["ia3_l"].reshape(self.scale.shape)}
 
     def peft_state(self, prefix: str) -> dict[str, torch.Tensor]:
         scale = self.scale.detach()

@@ -49,6 +49,15 @@ class LohaConfig(DeltaConfig):
         require_linear(self.method, deltas)
         return peft.LoHaConfig(r=self.r, alpha=self.alpha, target_modules=[d.target_path for d in deltas], **common)
 
+    peft_type = "LOHA"
+
+    @classmethod
+    def from_peft(cls, settings, parts, name):
+        cls.refuse_peft_options(settings, {"rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False,
+                                           "rank_pattern": {}, "alpha_pattern": {}})
+        return cls(r=int(settings["r"]), alpha=float(settings["alpha"]), targets=sorted(parts),
+                   **({"name": name} if name else {}))
+
     def supports(self, module: nn.Module) -> bool:
         return is_linear_like(module)
 
@@ -80,6 +89,9 @@ class LoHa(WeightUpdateDelta):
     def update(self) -> torch.Tensor:
         """``s * (w1_a @ w1_b) * (w2_a @ w2_b)`` in ``(out, in)`` layout."""
         return (self.w1_a @ self.w1_b) * (self.w2_a @ self.w2_b) * self.scale
+
+    def load_peft_state(self, parts, shared):
+        return {part: parts[f"hada_{part}"] for part in ("w1_a", "w1_b", "w2_a", "w2_b")}
 
     def peft_state(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.hada_{part}": getattr(self, part).detach() for part in ("w1_a", "w1_b", "w2_a", "w2_b")}

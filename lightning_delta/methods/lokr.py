@@ -84,6 +84,17 @@ class LokrConfig(DeltaConfig):
                                decompose_factor=self.decompose_factor, target_modules=[d.target_path for d in deltas],
                                **common)
 
+    peft_type = "LOKR"
+
+    @classmethod
+    def from_peft(cls, settings, parts, name):
+        cls.refuse_peft_options(settings, {"rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False,
+                                           "rank_pattern": {}, "alpha_pattern": {}})
+        return cls(r=int(settings["r"]), alpha=float(settings["alpha"]),
+                   decompose_both=bool(settings.get("decompose_both")),
+                   decompose_factor=int(settings.get("decompose_factor", -1)), targets=sorted(parts),
+                   **({"name": name} if name else {}))
+
     def supports(self, module: nn.Module) -> bool:
         return is_linear_like(module)
 
@@ -132,6 +143,9 @@ class LoKr(WeightUpdateDelta):
         w1 = self.w1_a @ self.w1_b if self.low_rank_w1 else self.w1
         w2 = self.w2_a @ self.w2_b if self.low_rank_w2 else self.w2
         return torch.kron(w1, w2) * self.scale
+
+    def load_peft_state(self, parts, shared):
+        return {key[len("lokr_"):]: tensor for key, tensor in parts.items() if key.startswith("lokr_")}
 
     def peft_state(self, prefix: str) -> dict[str, torch.Tensor]:
         parts = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")  # the full or the factored form of each

@@ -91,6 +91,18 @@ class LoraConfig(DeltaConfig):
                                use_dora=self.method == "dora", target_modules=[d.target_path for d in deltas],
                                fan_in_fan_out=fan_in_fan_out, **common)
 
+    peft_type = "LORA"
+
+    @classmethod
+    def from_peft(cls, settings, parts, name):
+        from lightning_delta.methods.dora import DoraConfig
+
+        cls.refuse_peft_options(settings, {"rank_pattern": {}, "alpha_pattern": {}, "bias": "none"})
+        config_cls = DoraConfig if settings.get("use_dora") else LoraConfig
+        return config_cls(r=int(settings["r"]), alpha=float(settings["lora_alpha"]),
+                          dropout=float(settings.get("lora_dropout") or 0.0), rslora=bool(settings.get("use_rslora")),
+                          targets=sorted(parts), **({"name": name} if name else {}))
+
     def supports(self, module: nn.Module) -> bool:
         if isinstance(module, nn.Conv2d):
             return module.groups == 1 and module.padding_mode == "zeros"
@@ -150,6 +162,11 @@ class LoRA(Delta):
         names = ("lora_embedding_A", "lora_embedding_B") if isinstance(self, LoRAEmbedding) else \
             ("lora_A.weight", "lora_B.weight")
         return {f"{prefix}.{names[0]}": a, f"{prefix}.{names[1]}": b}
+
+    def load_peft_state(self, parts, shared):
+        a, b = ("lora_embedding_A", "lora_embedding_B") if isinstance(self, LoRAEmbedding) else \
+            ("lora_A.weight", "lora_B.weight")
+        return {"A": parts[a].reshape(self.A.shape), "B": parts[b].reshape(self.B.shape)}
 
     def add(self, output: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         """``output + update``; in a mixed batch only on the rows that select this delta."""

@@ -58,6 +58,16 @@ class OftConfig(DeltaConfig):
                               num_cayley_neumann_terms=self.neumann_terms,
                               target_modules=[d.target_path for d in deltas], **common)
 
+    peft_type = "OFT"
+
+    @classmethod
+    def from_peft(cls, settings, parts, name):
+        cls.refuse_peft_options(settings, {"coft": False, "block_share": False, "module_dropout": 0.0,
+                                           "bias": "none"})
+        return cls(block_size=int(settings["oft_block_size"]), cayley_neumann=bool(settings.get("use_cayley_neumann")),
+                   neumann_terms=int(settings.get("num_cayley_neumann_terms", 5)), targets=sorted(parts),
+                   **({"name": name} if name else {}))
+
     def supports(self, module: nn.Module) -> bool:
         return is_linear_like(module)
 
@@ -132,6 +142,9 @@ class OFT(Delta):
         blocks = x.reshape(*x.shape[:-1], self.blocks, self.block_size)
         rotated = torch.einsum("...rk,rkc->...rc", blocks, self.rotations().to(x.dtype)).reshape(x.shape)
         return (rotated, *args[1:]), kwargs
+
+    def load_peft_state(self, parts, shared):
+        return {"skew": parts["oft_R.weight"]}
 
     def peft_state(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.oft_R.weight": self.skew.detach()}

@@ -102,6 +102,14 @@ class PrefixConfig(WholeModelConfig):
             raise DeltaConfigError("export the prefix after model.prefix.fold(): PEFT's format holds plain prefixes")
         return peft.PrefixTuningConfig(num_virtual_tokens=self.num_virtual_tokens, **common)
 
+    peft_type = "PREFIX_TUNING"
+
+    @classmethod
+    def from_peft(cls, settings, parts, name):
+        # ours is single (the encoder side for T5); PEFT's may sit on both sides of an encoder-decoder
+        cls.refuse_peft_options(settings, {"num_transformer_submodules": 1})
+        return cls(num_virtual_tokens=int(settings["num_virtual_tokens"]), **({"name": name} if name else {}))
+
     def supports(self, module: nn.Module) -> bool:
         return getattr(module, "config", None) is not None
 
@@ -207,6 +215,9 @@ class Prefix(Delta):
         if mask is not None and mask.dim() == 2:
             kwargs[mask_key] = torch.cat((mask.new_ones(mask.shape[0], n), mask), dim=1)
         return (), kwargs
+
+    def load_peft_state(self, parts, shared):
+        return {"embedding": shared["prompt_embeddings"]}
 
     def peft_state(self, prefix: str) -> dict[str, torch.Tensor]:
         return {"prompt_embeddings": self.states().detach()}

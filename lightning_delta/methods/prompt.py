@@ -53,6 +53,14 @@ class PromptConfig(WholeModelConfig):
         extra = {"num_transformer_submodules": 1} if common.get("task_type") == "SEQ_2_SEQ_LM" else {}
         return peft.PromptTuningConfig(num_virtual_tokens=self.num_virtual_tokens, **common, **extra)
 
+    peft_type = "PROMPT_TUNING"
+
+    @classmethod
+    def from_peft(cls, settings, parts, name):
+        # ours is single (the encoder side for T5); PEFT's may sit on both sides of an encoder-decoder
+        cls.refuse_peft_options(settings, {"num_transformer_submodules": 1})
+        return cls(num_virtual_tokens=int(settings["num_virtual_tokens"]), **({"name": name} if name else {}))
+
     def supports(self, module: nn.Module) -> bool:
         return callable(getattr(module, "get_input_embeddings", None))
 
@@ -171,6 +179,9 @@ class SoftPrompt(Delta):
         kwargs = {**dict(zip(names, args)), **kwargs}
         self._prepend(encoder, kwargs, encoder)
         return (), kwargs
+
+    def load_peft_state(self, parts, shared):
+        return {"embedding": shared["prompt_embeddings"]}
 
     def peft_state(self, prefix: str) -> dict[str, torch.Tensor]:
         return {"prompt_embeddings": self.states().detach()}

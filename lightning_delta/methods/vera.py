@@ -82,6 +82,17 @@ class VeraConfig(DeltaConfig):
                                projection_prng_key=self.projection_seed or 0,
                                fan_in_fan_out=any(d.module.transposed for d in deltas), **common)
 
+    peft_type = "VERA"
+
+    @classmethod
+    def from_peft(cls, settings, parts, name):
+        cls.refuse_peft_options(settings, {"bias": "none"})
+        return cls(r=int(settings["r"]), dropout=float(settings.get("vera_dropout") or 0.0),
+                   d_initial=float(settings.get("d_initial", 0.1)),
+                   projection_seed=int(settings["projection_prng_key"]),
+                   save_projection=bool(settings.get("save_projection", True)), targets=sorted(parts),
+                   **({"name": name} if name else {}))
+
     def supports(self, module: nn.Module) -> bool:
         return is_linear_like(module)
 
@@ -158,6 +169,12 @@ class VeRA(WeightUpdateDelta):
         a = self.lambda_d[:, None] * self.A[:, :self.in_features].to(device)
         b = self.lambda_b[:, None] * self.B[:self.out_features].to(device)
         return a.to(dtype), b.to(dtype)
+
+    def load_peft_state(self, parts, shared):
+        state = {"lambda_d": parts["vera_lambda_d"], "lambda_b": parts["vera_lambda_b"]}
+        if "A" not in self._non_persistent_buffers_set and "base_model.vera_A" in shared:  # the stored copy
+            state.update(A=shared["base_model.vera_A"], B=shared["base_model.vera_B"])
+        return state
 
     def peft_state(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.vera_lambda_d": self.lambda_d.detach(), f"{prefix}.vera_lambda_b": self.lambda_b.detach(),
