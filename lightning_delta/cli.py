@@ -35,6 +35,11 @@ class DeltaCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)
+        parser_kwargs = dict(kwargs.get("parser_kwargs") or {})
+        parser_kwargs.setdefault("description", "Delta tuning with Lightning: fit, validate, test, predict from YAML"
+                                 " configs. Also: lightning-delta export | merge | inspect --help (delta checkpoints"
+                                 " to PEFT/delta folders, merged transformers models, the model tree).")
+        kwargs["parser_kwargs"] = parser_kwargs
         super().__init__(*args, **kwargs)
 
     @override
