@@ -129,6 +129,11 @@ def test_mixed_batch_refuses_what_it_cannot_do():
     with pytest.raises(DeltaConfigError, match="one delta name \\(or None\\) per row"):
         with handle.mixed_batch(["a", "b"]):
             logits(model, batch=4)
+    handle.attach("dora", name="dora", r=2)
+    with pytest.raises(DeltaConfigError, match="\\['dora'\\] would apply to every row"):
+        with handle.mixed_batch(["a", "b", "c", None]):
+            pass
+    handle.detach("dora")
     handle.attach("bitfit", name="offsets")
     with pytest.raises(DeltaConfigError, match="\\['offsets'\\] would apply to every row"):
         with handle.mixed_batch(["a", "b", "c", None]):
@@ -274,3 +279,23 @@ def test_residual_inits_cannot_be_switched_off_but_merge_and_unload_keeps_their_
     plain = handle.merge_and_unload()
     assert not DeltaModel(plain).deltas() and not any("lora" in k or ".p." in k for k in plain.state_dict())
     torch.testing.assert_close(plain(input_ids=ids).logits, tuned, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_batch_gradients_equal_those_of_each_task_on_its_rows():
+    model = tiny_bert().eval()
+    handle = three_tasks(model)
+    inputs = family_inputs("bert", batch=4)
+    rows = ["a", "b", "a", "c"]
+    with handle.mixed_batch(rows):
+        (model(**inputs).logits ** 2).sum().backward()
+    mixed = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    for task in ("a", "b", "c"):
+        handle.set_active(task)
+        picked = torch.tensor([r == task for r in rows])
+        (model(**{k: v[picked] for k, v in inputs.items()}).logits ** 2).sum().backward()
+    handle.set_active(None)
+    separate = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert mixed.keys() == separate.keys() and any(".a." in n for n in mixed)
+    for name, grad in mixed.items():
+        torch.testing.assert_close(grad, separate[name], rtol=1e-4, atol=1e-6)

@@ -45,6 +45,8 @@ class DoraConfig(LoraConfig):
 class DoRA(LoRALinear):
     """LoRA factors ``A``, ``B`` and a magnitude vector ``m`` of ``out`` entries."""
 
+    row_selectable = False  # its magnitude rescales the whole output: no per-row selection (yet)
+
     def __init__(self, config: DoraConfig, target: nn.Module) -> None:
         super().__init__(config, target)
         self.magnitude = nn.Parameter(torch.ones(self.B.shape[0], **self.factory))

@@ -266,9 +266,16 @@ class LoRALinear(LoRA):
         down (their gradients arrive in fp32), not the large activations up.
         """
         x = self.dropout(x)
-        # the scale goes into the small B, not onto the (batch, seq, out) product
-        update = F.linear(F.linear(x, self.A.to(x.dtype)), (self.B * self.scale).to(x.dtype))
-        return self.add(output, update.to(output.dtype))
+        gate = self.row_gate(x)
+        if gate is not None and type(x).__name__ != "DTensor":
+            # a mixed batch: the branch runs on this delta's rows only, not on every row then masked
+            rows = gate.view(-1).nonzero().squeeze(1)
+            return output.index_add(0, rows, self._branch(x.index_select(0, rows)).to(output.dtype))
+        return self.add(output, self._branch(x).to(output.dtype))
+
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        """``s * x @ A.T @ B.T``; the scale goes into the small ``B``, not onto the (batch, seq, out) product."""
+        return F.linear(F.linear(x, self.A.to(x.dtype)), (self.B * self.scale).to(x.dtype))
 
     def delta_weight(self, target: nn.Module) -> torch.Tensor:
         update = super().delta_weight(target)
