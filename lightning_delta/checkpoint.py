@@ -45,12 +45,14 @@ def _prefix(path: str) -> str:
 
 
 def checkpoint_metadata(root: nn.Module, backbone_path: str, names: Collection[str] | None = None) -> dict[str, Any]:
-    """The delta record a checkpoint carries: specs, trainable patterns, the backbone's fingerprint and source.
+    """The delta record a checkpoint carries: specs, trainable patterns, the backbone's fingerprint (its
+    class and ``name_or_path`` among them) and its transformers config (to rebuild it as trained).
 
     With ``names``, only those deltas and no trainable modules are recorded.
     """
     backbone = root.get_submodule(backbone_path)
     configs = DeltaModel(backbone).configs
+    hf_config = getattr(backbone, "config", None)
     return {
         "format": FORMAT_VERSION,
         "version": __version__,
@@ -58,17 +60,8 @@ def checkpoint_metadata(root: nn.Module, backbone_path: str, names: Collection[s
         "specs": [config.to_dict() for n, config in configs.items() if names is None or n in names],
         "trainable": list(getattr(backbone, TRAINABLE_ATTR, ())) if names is None else [],
         "fingerprint": fingerprint(backbone),
-        "source": backbone_source(backbone),
+        "backbone_config": hf_config.to_dict() if hasattr(hf_config, "to_dict") else None,
     }
-
-
-def backbone_source(backbone: nn.Module) -> dict[str, Any] | None:
-    """Where a transformers backbone comes from: its class, ``name_or_path`` and config (to rebuild it)."""
-    config = getattr(backbone, "config", None)
-    if config is None or not hasattr(config, "to_dict"):
-        return None
-    return {"class": type(backbone).__name__, "name_or_path": getattr(config, "_name_or_path", ""),
-            "config": config.to_dict()}
 
 
 def spec_differences(recorded: Sequence[Mapping[str, Any]], configs: Mapping[str, DeltaConfig]) -> list[str]:

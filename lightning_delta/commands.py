@@ -1,8 +1,9 @@
 """``lightning-delta export | merge | inspect``: the commands beside LightningCLI's fit/validate/test/predict.
 
 ``export`` and ``merge`` rebuild the backbone a delta checkpoint was trained on -- from ``--model``
-when given, else from the task's recorded ``model`` hyper-parameter, else from the source the
-checkpoint records (transformers class, ``name_or_path`` and config) -- then load the delta onto it.
+when given, else from the task's recorded ``model`` hyper-parameter, else from the ``name_or_path``
+in the checkpoint's fingerprint; its transformers class and config come from the record too -- then
+load the delta onto it.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ def _source_name(ckpt: Mapping[str, Any], model: str | None) -> str:
     for key in ("model", "source", "pretrained", "model_name_or_path"):
         if isinstance(hparams.get(key), str):
             return resolve_source(hparams[key])
-    source = ckpt[META_KEY].get("source") or {}
-    if source.get("name_or_path"):
-        return source["name_or_path"]
+    recorded = ckpt[META_KEY]["fingerprint"].get("source")
+    if recorded:
+        return recorded
     raise DeltaStateError("the checkpoint does not record where its backbone comes from: pass --model <hub name or"
                           " folder of the pretrained model it was trained on>")
 
@@ -55,13 +56,13 @@ def backbone_for(ckpt: Mapping[str, Any], model: str | None = None) -> tuple[nn.
     if meta is None:
         raise DeltaStateError("the checkpoint has no lightning_delta record: it was not written by DeltaCallback")
     name = _source_name(ckpt, model)
-    source = meta.get("source") or {}
-    class_name = source.get("class") or meta["fingerprint"].get("class")
+    class_name = meta["fingerprint"].get("class")
     cls = getattr(transformers, class_name, None) if class_name else None
     if cls is None:
         raise DeltaStateError(f"the backbone class {class_name!r} is not a transformers class; rebuild your model"
                               " in Python and use lightning_delta.load_delta(model, ckpt)")
-    kwargs = {"config": cls.config_class.from_dict(source["config"])} if source.get("config") else {}
+    recorded = meta.get("backbone_config")
+    kwargs = {"config": cls.config_class.from_dict(recorded)} if recorded else {}
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
