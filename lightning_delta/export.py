@@ -236,7 +236,8 @@ def _import_through_peft(model: nn.Module, peft_config: dict[str, Any], tensors:
     delta_name = next(n for n in handle.configs if n not in before)
     try:
         state = {k[len(_PREFIX):] if k.startswith(_PREFIX) else k: v for k, v in tensors.items()}
-        adapter = {k: v for k, v in state.items() if k not in state_tensors(model)}
+        backbone_keys = set(state_tensors(model))
+        adapter = {k: v for k, v in state.items() if k not in backbone_keys}
         heads = {k: v for k, v in state.items() if k not in adapter}
         result = peft.set_peft_model_state_dict(model, adapter, adapter_name=delta_name)
         if result.unexpected_keys:
