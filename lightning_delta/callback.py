@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.plugins.precision import HalfPrecision
+from lightning.pytorch.plugins.precision import BitsandbytesPrecision, HalfPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -33,11 +33,6 @@ try:  # let LightningCLI / jsonargparse accept `class_path: lightning_delta.Lora
     set_parsing_settings(subclasses_enabled=[DeltaConfig])
 except (ImportError, TypeError):  # pragma: no cover - jsonargparse missing or too old: Python use still works
     pass
-
-
-def _is_bitsandbytes(plugin: Any) -> bool:
-    """Whether ``plugin`` is Lightning's ``BitsandbytesPrecision`` (imported only if bitsandbytes is)."""
-    return type(plugin).__name__ == "BitsandbytesPrecision" and hasattr(plugin, "ignore_modules")
 
 
 def find_backbone(pl_module: nn.Module) -> str:
@@ -177,7 +172,8 @@ class DeltaCallback(Callback):
         else:
             self.attach(pl_module)  # setup runs for every stage: attach is idempotent
         plugin = trainer.strategy.precision_plugin
-        if _is_bitsandbytes(plugin) and not isinstance(plugin.convert_module, KeepDeltasThroughLayerSwap):
+        if isinstance(plugin, BitsandbytesPrecision) and not isinstance(plugin.convert_module,
+                                                                        KeepDeltasThroughLayerSwap):
             # the plugin swaps every nn.Linear for a quantized layer after this hook: keep the deltas, and
             # leave modules trained whole in full precision
             path = self.backbone_path(pl_module)
