@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_delta.core import Delta, WholeModelConfig, fill_, kaiming_
+from lightning_delta.core import fill_, kaiming_
 from lightning_delta.errors import DeltaConfigError, UnsupportedModuleError
+from lightning_delta.methods.virtual_tokens import VirtualTokens, VirtualTokensConfig
 
 
 def _takes_cache(module: nn.Module) -> bool:
@@ -70,7 +71,7 @@ def _attention_shape(config: object) -> tuple[int, int, int]:
 
 
 @dataclass
-class PrefixConfig(WholeModelConfig):
+class PrefixConfig(VirtualTokensConfig):
     """Prefix tuning hyper-parameters.
 
     Args:
@@ -83,14 +84,11 @@ class PrefixConfig(WholeModelConfig):
     method = "prefix"
     supported_types = "a transformers model (with a config) whose forward takes past_key_values"
 
-    num_virtual_tokens: int = 20
     projection: bool = False
     projection_dim: int = 512
 
     def validate(self) -> None:
-        n = self.num_virtual_tokens
-        self.check_range("num_virtual_tokens", n, isinstance(n, int) and not isinstance(n, bool) and n > 0,
-                         "a positive integer, e.g. num_virtual_tokens=20")
+        super().validate()
         d = self.projection_dim
         self.check_range("projection_dim", d, isinstance(d, int) and not isinstance(d, bool) and d > 0,
                          "a positive integer, e.g. projection_dim=512")
@@ -103,12 +101,6 @@ class PrefixConfig(WholeModelConfig):
         return peft.PrefixTuningConfig(num_virtual_tokens=self.num_virtual_tokens, **common)
 
     peft_type = "PREFIX_TUNING"
-
-    @classmethod
-    def from_peft(cls, settings, parts, name):
-        # ours is single (the encoder side for T5); PEFT's may sit on both sides of an encoder-decoder
-        cls.refuse_peft_options(settings, {"num_transformer_submodules": 1})
-        return cls(num_virtual_tokens=int(settings["num_virtual_tokens"]), **({"name": name} if name else {}))
 
     def supports(self, module: nn.Module) -> bool:
         return getattr(module, "config", None) is not None
@@ -123,7 +115,7 @@ class PrefixConfig(WholeModelConfig):
         return Prefix(self, module).seeded(seed)
 
 
-class Prefix(Delta):
+class Prefix(VirtualTokens):
     """Learned keys and values for every layer, fed to the model as a fresh cache."""
 
     def __init__(self, config: PrefixConfig, model: nn.Module) -> None:
@@ -215,12 +207,6 @@ class Prefix(Delta):
         if mask is not None and mask.dim() == 2:
             kwargs[mask_key] = torch.cat((mask.new_ones(mask.shape[0], n), mask), dim=1)
         return (), kwargs
-
-    def load_peft_state(self, parts, shared):
-        return {"embedding": shared["prompt_embeddings"]}
-
-    def peft_state(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {"prompt_embeddings": self.states().detach()}
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:  # pragma: no cover - hook-only
         raise NotImplementedError("the prefix acts through its pre-hook")

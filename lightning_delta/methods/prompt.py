@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_delta.core import Delta, WholeModelConfig
+from lightning_delta.methods.virtual_tokens import VirtualTokens, VirtualTokensConfig
 
 INITS = ("vocab", "random")
 
 
 @dataclass
-class PromptConfig(WholeModelConfig):
+class PromptConfig(VirtualTokensConfig):
     """Soft prompt hyper-parameters.
 
     Args:
@@ -37,13 +37,10 @@ class PromptConfig(WholeModelConfig):
     method = "prompt"
     supported_types = "models with get_input_embeddings() (transformers PreTrainedModel)"
 
-    num_virtual_tokens: int = 20
     init: str = "vocab"
 
     def validate(self) -> None:
-        n = self.num_virtual_tokens
-        self.check_range("num_virtual_tokens", n, isinstance(n, int) and not isinstance(n, bool) and n > 0,
-                         "a positive integer, e.g. num_virtual_tokens=20")
+        super().validate()
         self.check_range("init", self.init, self.init in INITS, f"one of {list(INITS)}")
 
     def peft_config(self, deltas: list, **common):
@@ -55,12 +52,6 @@ class PromptConfig(WholeModelConfig):
 
     peft_type = "PROMPT_TUNING"
 
-    @classmethod
-    def from_peft(cls, settings, parts, name):
-        # ours is single (the encoder side for T5); PEFT's may sit on both sides of an encoder-decoder
-        cls.refuse_peft_options(settings, {"num_transformer_submodules": 1})
-        return cls(num_virtual_tokens=int(settings["num_virtual_tokens"]), **({"name": name} if name else {}))
-
     def supports(self, module: nn.Module) -> bool:
         return callable(getattr(module, "get_input_embeddings", None))
 
@@ -68,7 +59,7 @@ class PromptConfig(WholeModelConfig):
         return SoftPrompt(self, module, seed)
 
 
-class SoftPrompt(Delta):
+class SoftPrompt(VirtualTokens):
     """The learned prompt and the pre-hook that puts it in front of the inputs."""
 
     def __init__(self, config: PromptConfig, model: nn.Module, seed: int) -> None:
@@ -179,12 +170,6 @@ class SoftPrompt(Delta):
         kwargs = {**dict(zip(names, args)), **kwargs}
         self._prepend(encoder, kwargs, encoder)
         return (), kwargs
-
-    def load_peft_state(self, parts, shared):
-        return {"embedding": shared["prompt_embeddings"]}
-
-    def peft_state(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {"prompt_embeddings": self.states().detach()}
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:  # pragma: no cover - hook-only
         raise NotImplementedError("the soft prompt acts through its pre-hook")
