@@ -36,6 +36,7 @@ from torch import nn
 
 from lightning_delta.core import Delta, DeltaConfig, fill_, kaiming_
 from lightning_delta.errors import UnsupportedModuleError
+from lightning_delta.methods.fused_lora import lora_branch
 from lightning_delta.quantize import is_quantized
 from lightning_delta.targets import is_linear_like
 
@@ -259,12 +260,19 @@ class LoRALinear(LoRA):
         """PiSSA / OLoRA add ``s B0 A0`` back, restoring the original weight."""
         self._shift_weight(target, +1)
 
+    #: run the branch as one autograd function (:mod:`~lightning_delta.methods.fused_lora`) where it
+    #: applies: every row, plain tensors of one dtype. ``False`` keeps the composed-ops path.
+    fused: bool = True
+
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """``output + s * dropout(x) @ A.T @ B.T``; x ``(..., in)``, output ``(..., out)``.
 
         Computed in the activations' dtype: under a bf16 backbone the small factors are cast
         down (their gradients arrive in fp32), not the large activations up.
         """
+        if self.fused and self.row_mask is None and type(x) is torch.Tensor and type(output) is torch.Tensor \
+                and x.dtype == output.dtype and x.is_floating_point():
+            return lora_branch(x, output, self.A, self.B, self.scale, self.config.dropout, self.training)
         x = self.dropout(x)
         gate = self.row_gate(x)
         if gate is not None and type(x).__name__ != "DTensor":
