@@ -49,7 +49,7 @@ from lightning_delta.optim import param_groups  # noqa: E402
 from lightning_delta.targets import resolve_targets  # noqa: E402
 
 _LIGHTNING_NAMES = {"DeltaCallback": "callback", "find_backbone": "callback",
-                    "DeltaModelParallelStrategy": "strategies"}
+                    "DeltaModelParallelStrategy": "strategies", "DeltaDeepSpeedStrategy": "strategies"}
 
 
 def __getattr__(name: str) -> Any:
@@ -72,6 +72,7 @@ __all__ = [
     "DeltaCheckpointHooks",
     "DeltaConfig",
     "DeltaConfigError",
+    "DeltaDeepSpeedStrategy",
     "DeltaError",
     "DeltaModel",
     "DeltaModelParallelStrategy",

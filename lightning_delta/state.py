@@ -170,8 +170,10 @@ def _samples(tensor: torch.Tensor) -> list[float]:
 
 
 def _is_sharded(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is a DTensor (FSDP2 / tensor parallel): sampling it would need communication."""
-    return type(tensor).__name__ == "DTensor" or type(getattr(tensor, "data", None)).__name__ == "DTensor"
+    """Whether ``tensor`` is a DTensor (FSDP2 / tensor parallel) or a DeepSpeed ZeRO-3 partitioned
+    parameter: sampling it would need communication."""
+    return type(tensor).__name__ == "DTensor" or type(getattr(tensor, "data", None)).__name__ == "DTensor" \
+        or hasattr(tensor, "ds_shape")
 
 
 def backbone_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -201,9 +203,10 @@ def _original_samples(key: str, tensor: torch.Tensor, offsets: Mapping[str, list
 
 
 def logical_shape(tensor: torch.Tensor) -> list[int]:
-    """The shape a tensor stands for: a bitsandbytes 4-bit weight stores packed bytes but records it."""
+    """The shape a tensor stands for: a bitsandbytes 4-bit weight stores packed bytes but records it, a
+    DeepSpeed ZeRO-3 parameter is an empty placeholder that records it as ``ds_shape``."""
     quant_state = getattr(tensor, "quant_state", None)
-    shape = getattr(quant_state, "shape", None)
+    shape = getattr(quant_state, "shape", None) or getattr(tensor, "ds_shape", None)
     return list(shape) if shape is not None else list(tensor.shape)
 
 
@@ -213,7 +216,7 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
     Delta tensors are left out; values are sampled from frozen floating-point parameters only
     (trainable ones change in training), so the fingerprint is stable while training, and as the
     backbone had them before attach (a PiSSA / OLoRA residual is added back). Sharded
-    (DTensor) parameters are not sampled: that would gather them; quantized (NF4) ones neither:
+    (DTensor, ZeRO-3) parameters are not sampled: that would gather them; quantized (NF4) ones neither:
     their values are rounded. Shapes are recorded for both (the logical, dequantized shape), so a
     delta trained on a 4-bit backbone fits the same backbone in floating point and back.
     """
