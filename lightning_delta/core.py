@@ -432,6 +432,7 @@ def attach_config(model: nn.Module, config: DeltaConfig, seed: int | None = None
             raise DeltaConfigError(
                 f"{target_name!r} already has an attribute {name!r}; pass another delta name, e.g. name='{name}_delta'"
             )
+        _refuse_zero3_partition(target, target_name)
         built.append((target, config.build(target, delta_seed(seed, f"{target_name}.{name}"), target_name)))
     config.tie([delta for _, delta in built])
     config = dataclasses.replace(config, name=name)
@@ -449,6 +450,18 @@ def attach_config(model: nn.Module, config: DeltaConfig, seed: int | None = None
             delattr(target, name)
         raise
     return name
+
+
+def _refuse_zero3_partition(target: nn.Module, path: str) -> None:
+    """Deltas are shaped from whole weights: a DeepSpeed ZeRO-3 placeholder (built under ``zero.Init``) has none."""
+    for key, param in target.named_parameters(recurse=False):
+        if hasattr(param, "ds_shape") and param.numel() == 0:
+            raise UnsupportedModuleError(
+                f"{path or 'the target'}.{key} is a DeepSpeed ZeRO-3 partition (full shape"
+                f" {tuple(param.ds_shape)}), built under deepspeed.zero.Init: deltas attach to whole weights. Build"
+                " or load the backbone in the LightningModule's __init__, not in configure_model, so DeltaCallback"
+                " attaches before DeepSpeed partitions it (the strategy still shards it, deltas included)"
+            )
 
 
 def detach_delta(model: nn.Module, name: str) -> None:

@@ -18,10 +18,14 @@ pytest.importorskip("deepspeed")
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "deepspeed_train.py"
 
 
-def run(out, source, devices, epochs, stage, *extra):
+def launch(out, source, devices, epochs, stage, *extra) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
-    done = subprocess.run([sys.executable, str(SCRIPT), str(out), source, str(devices), str(epochs), str(stage),
+    return subprocess.run([sys.executable, str(SCRIPT), str(out), source, str(devices), str(epochs), str(stage),
                            *extra], capture_output=True, text=True, env=env, timeout=600)
+
+
+def run(out, source, devices, epochs, stage, *extra):
+    done = launch(out, source, devices, epochs, stage, *extra)
     assert done.returncode == 0, done.stderr[-4000:]
     return torch.load(out / "report.pt", weights_only=True)
 
@@ -115,3 +119,11 @@ def test_bf16_keeps_a_bf16_backbone_and_fp32_deltas_close_to_the_fp32_run(runs):
     assert fp32["dtypes"] == {"frozen": ["torch.float32"], "trained": ["torch.float32"]}
     for key, value in fp32["state"].items():  # 4 Adam steps at lr 1e-2 through bf16 activations
         assert ((bf16["state"][key] - value).norm() / value.norm()).item() < 0.15
+
+
+def test_a_backbone_built_under_zero_init_is_refused_with_the_fix(runs):
+    root, _ = runs
+    done = launch(root / "zero_init", str(root / "llama"), 2, 1, 3, "--configure-model")
+    assert done.returncode != 0
+    assert "is a DeepSpeed ZeRO-3 partition (full shape (32, 32))" in done.stderr
+    assert "in the LightningModule's __init__, not in configure_model" in done.stderr

@@ -27,11 +27,18 @@ importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 class LlamaLM(pl.LightningModule):
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, in_configure_model: bool = False) -> None:
         super().__init__()
-        from transformers import AutoModelForCausalLM
+        self.source, self.model, self.in_configure_model = source, None, in_configure_model
+        if not in_configure_model:
+            self.configure_model()
 
-        self.model = AutoModelForCausalLM.from_pretrained(source)
+    def configure_model(self) -> None:
+        if self.model is None:  # under ZeRO-3 Lightning runs this inside deepspeed.zero.Init
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            self.model = AutoModelForCausalLM.from_pretrained(self.source) if not self.in_configure_model else \
+                AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(self.source))
 
     def training_step(self, batch, batch_idx):
         return self.model(input_ids=batch[0], labels=batch[0]).loss
@@ -93,6 +100,7 @@ def main() -> None:
     parser.add_argument("stage", type=int)
     parser.add_argument("--resume")
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--configure-model", action="store_true")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(0)
@@ -109,7 +117,7 @@ def main() -> None:
         precision=args.precision,
         callbacks=[DeltaCallback("lora", r=4, targets=["q_proj", "v_proj"]), report],
     )
-    module = LlamaLM(args.source)
+    module = LlamaLM(args.source, args.configure_model)
     trainer.fit(module, data, ckpt_path=args.resume)
     with CommBytes() as comm:
         trainer.save_checkpoint(args.out / "final.ckpt")
