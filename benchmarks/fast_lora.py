@@ -6,8 +6,9 @@ LoRA on every linear layer (r=16, dropout 0.05), one training step (forward, bac
 On a CUDA device: the ~1B Llama of ``benchmarks.gpu`` (batch 4 x 1024), tokens/s and
 ``torch.cuda.max_memory_allocated``. Without one: a 4-layer, 512-wide Llama (batch 4 x 256) with
 peak live tensor bytes from the dispatch-mode counter. Every row also counts the aten ops one step
-dispatches (kernel launches, on a GPU) and the bytes autograd saves for the backward. Times are
-ABBA-ordered pairs against PEFT, in one process.
+dispatches (kernel launches, on a GPU) and the bytes autograd saves for the backward; the last row
+also trains with the chunked causal LM loss (``lightning_delta.loss``, chunks of 256 tokens).
+Times are ABBA-ordered pairs against PEFT, in one process.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from benchmarks.memory import PeakLiveBytes
 from benchmarks.vs_peft import stepper
 from lightning_delta import attach
 from lightning_delta.core import iter_deltas
+from lightning_delta.loss import chunked_causal_lm_loss
 
 
 class OpCount(TorchDispatchMode):
@@ -60,10 +62,15 @@ def variants(base, dropout: float) -> dict:
     for d in iter_deltas(composed):
         d.module.fused = False
     peft_config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear")
-    return {"fused": fused, "composed": composed, "peft": peft.get_peft_model(copy.deepcopy(base), peft_config)}
+    return {"fused": fused, "composed": composed, "peft": peft.get_peft_model(copy.deepcopy(base), peft_config),
+            "fused+chunked": fused}
 
 
-def saved_bytes(model, batch) -> int:
+#: the loss each variant trains with (default: the model's own)
+LOSSES = {"fused+chunked": lambda model, batch: chunked_causal_lm_loss(model, batch, chunk_size=256)}
+
+
+def saved_bytes(model, batch, loss=None) -> int:
     """Bytes of the storages autograd keeps for one backward, parameters excluded."""
     saved: dict[int, int] = {}
 
@@ -72,15 +79,15 @@ def saved_bytes(model, batch) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(**batch).loss
+        value = model(**batch).loss if loss is None else loss(model, batch)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    loss.backward()
+    value.backward()
     model.zero_grad(set_to_none=True)
     return sum(n for k, n in saved.items() if k not in params)
 
 
-def measure(model, batch, device: torch.device) -> dict:
-    step, optimizer = stepper(model, batch)
+def measure(model, batch, device: torch.device, loss=None) -> dict:
+    step, optimizer = stepper(model, batch, loss)
     step()  # optimizer state from here on
     counter = OpCount()
     with counter:
@@ -99,7 +106,7 @@ def measure(model, batch, device: torch.device) -> dict:
         peak = meter.peak
     synced = (lambda: (step(), torch.cuda.synchronize())) if device.type == "cuda" else step
     return {"step": synced, "peak_bytes": peak, "ops_per_step": counter.count,
-            "saved_bytes": saved_bytes(model, batch)}
+            "saved_bytes": saved_bytes(model, batch, loss)}
 
 
 def main() -> None:
@@ -110,9 +117,10 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base, batch = build(device)
     tokens = batch["input_ids"].numel()
-    runs = {name: measure(model, batch, device) for name, model in variants(base, args.dropout).items()}
+    runs = {name: measure(model, batch, device, LOSSES.get(name))
+            for name, model in variants(base, args.dropout).items()}
     rows = {"peft": {"time_over_peft": 1.0}}
-    for name in ("fused", "composed"):
+    for name in ("fused", "composed", "fused+chunked"):
         timing = abba(runs[name]["step"], runs["peft"]["step"], args.repeats)
         rows[name] = {"tokens_per_s": tokens / timing["a_median"], "time_over_peft": timing["ratio"]}
         rows["peft"].setdefault("tokens_per_s", tokens / timing["b_median"])
@@ -121,9 +129,9 @@ def main() -> None:
     where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"{where}, bf16 Llama {sum(p.numel() for p in base.parameters()) / 1e6:.0f}M, batch"
           f" {tuple(batch['input_ids'].shape)}, LoRA all-linear r=16 dropout {args.dropout}")
-    print(f"{'':<10}{'tokens/s':>10}{'PEFT/this time':>16}{'peak MiB':>10}{'saved MiB':>11}{'ops/step':>10}")
+    print(f"{'':<14}{'tokens/s':>10}{'PEFT/this time':>16}{'peak MiB':>10}{'saved MiB':>11}{'ops/step':>10}")
     for name, r in rows.items():
-        print(f"{name:<10}{r['tokens_per_s']:>10.0f}{1 / r['time_over_peft']:>16.3f}{r['peak_bytes'] / 2**20:>10.1f}"
+        print(f"{name:<14}{r['tokens_per_s']:>10.0f}{1 / r['time_over_peft']:>16.3f}{r['peak_bytes'] / 2**20:>10.1f}"
               f"{r['saved_bytes'] / 2**20:>11.1f}{r['ops_per_step']:>10}")
     print("goal (GPU): fused >= 1.3x PEFT's tokens/s at equal or lower peak memory")
     write("fast_lora" if device.type == "cpu" else "fast_lora_gpu",

@@ -67,11 +67,12 @@ def build(kind: str):
     return model.train(), {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-def stepper(model, batch):
+def stepper(model, batch, loss=None):
+    """One AdamW step on ``batch``; ``loss(model, batch)`` defaults to the model's own loss."""
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-4)
 
     def step():
-        model(**batch).loss.backward()
+        (model(**batch).loss if loss is None else loss(model, batch)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

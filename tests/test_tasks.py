@@ -136,3 +136,31 @@ def test_task_optimizer_groups_follow_lr_by_method_and_loraplus(dirs, tmp_path):
 def test_group_arguments_are_checked(dirs, kwargs, message):
     with pytest.raises(ValueError, match=message):
         CausalLanguageModeling(dirs["gpt2"], **kwargs)
+
+
+def test_causal_lm_chunked_loss_trains_like_the_models_own(dirs, tmp_path, monkeypatch):
+    """Two fits, one with loss_chunk_size: the same deltas after training (same seed, same batches)."""
+    from lightning_delta.tasks import language_modeling
+
+    calls = []
+    chunked = language_modeling.chunked_causal_lm_loss
+    monkeypatch.setattr(language_modeling, "chunked_causal_lm_loss", lambda *a: calls.append(a[2]) or chunked(*a))
+    lines = ["the cat sat on the mat", "a dog ran in the park", "birds sing at dawn", "rain falls on roofs"]
+    (tmp_path / "t.txt").write_text("\n".join(lines))
+    trained = []
+    for chunk in (None, 5):
+        torch.manual_seed(0)
+        data = TextData(data_files={"train": str(tmp_path / "t.txt")}, batch_size=4)
+        model = CausalLanguageModeling(dirs["gpt2"], learning_rate=0.01, loss_chunk_size=chunk)
+        trainer(tmp_path / str(chunk), [DeltaCallback("lora", r=2)], max_epochs=3).fit(model, data)
+        trained.append(DeltaModel(model.model).delta_state_dict())
+    assert calls == [5, 5, 5]  # the second fit's 3 steps went through the chunked loss
+    assert trained[0].keys() == trained[1].keys()
+    for key, value in trained[0].items():
+        torch.testing.assert_close(trained[1][key], value, rtol=1e-4, atol=1e-6)
+    assert any(v.abs().sum() > 0 for k, v in trained[0].items() if k.endswith("B"))
+
+
+def test_chunked_loss_on_a_model_it_does_not_know_is_refused_at_init(dirs):
+    with pytest.raises(ValueError, match="model_type='bert'.*loss_chunk_size=None"):
+        CausalLanguageModeling(dirs["bert"], loss_chunk_size=64)  # BertLMHeadModel: not checked

@@ -59,8 +59,12 @@ class DeltaTask(pl.LightningModule):
         self.source = resolve_source(model)
 
     @override
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss to minimise on one batch: the model's own."""
+        return self.model(**batch).loss
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss
+        loss = self.training_loss(batch)
         self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
         return loss
 

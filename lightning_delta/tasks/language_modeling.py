@@ -7,9 +7,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 from typing_extensions import override
 
+from lightning_delta.loss import IGNORE_INDEX, check_chunked_loss, chunked_causal_lm_loss
 from lightning_delta.tasks.base import DeltaTask
-
-IGNORE_INDEX = -100
 
 
 class _LanguageModeling(DeltaTask):
@@ -47,17 +46,28 @@ class CausalLanguageModeling(_LanguageModeling):
         gradient_checkpointing: recompute the backbone's blocks in backward.
         lr_by_method: learning rates per delta method, e.g. ``{"prompt": 3e-2}``.
         loraplus_lr_ratio: LoRA+: ``B`` of LoRA/DoRA learns this many times faster.
+        loss_chunk_size: train with :func:`~lightning_delta.loss.chunked_causal_lm_loss` in chunks of this
+            many tokens: the same loss without the full-vocabulary logits in memory (Llama, Mistral, Qwen2/3,
+            Phi-3, GPT-2, GPT-NeoX). ``None``: the model's own loss.
     """
 
     shift_labels = True
 
     def __init__(self, model: str, learning_rate: float = 1e-3, weight_decay: float = 0.0,
                  warmup_ratio: float = 0.1, gradient_checkpointing: bool = False,
-                 lr_by_method: dict[str, float] | None = None, loraplus_lr_ratio: float | None = None) -> None:
+                 lr_by_method: dict[str, float] | None = None, loraplus_lr_ratio: float | None = None,
+                 loss_chunk_size: int | None = None) -> None:
         super().__init__(model, learning_rate, weight_decay, warmup_ratio, gradient_checkpointing, lr_by_method,
                          loraplus_lr_ratio)
         self.save_hyperparameters()
         self.model = self.load_backbone("AutoModelForCausalLM")
+        if loss_chunk_size is not None:
+            check_chunked_loss(self.model, loss_chunk_size)  # before any training
+
+    @override
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        chunk = self.hparams.loss_chunk_size
+        return super().training_loss(batch) if chunk is None else chunked_causal_lm_loss(self.model, batch, chunk)
 
 
 class Seq2SeqLanguageModeling(_LanguageModeling):
