@@ -117,6 +117,34 @@ def test_bf16_model_step_is_at_least_as_close_to_fp32_as_the_composed_path():
     assert fused <= 1.25 * plain and fused < 0.05, (fused, plain)
 
 
+def test_autocast_step_is_at_least_as_close_to_fp32_as_the_composed_path(monkeypatch):
+    """bf16-mixed: an fp32 model under autocast; the fused branch runs in bf16 like the composed ops."""
+    from lightning_delta.methods import lora
+
+    model, composed = _fused_and_composed(torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    _, truth = _step(copy.deepcopy(model), ids)
+    dtypes, fused_branch = [], lora.lora_branch
+
+    def counted(*args):
+        out = fused_branch(*args)
+        dtypes.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(lora, "lora_branch", counted)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, fused = _step(model, ids)
+        assert len(dtypes) == len(list(iter_deltas(model))) and set(dtypes) == {torch.bfloat16}
+        _, plain = _step(composed, ids)
+    assert len(dtypes) == len(list(iter_deltas(model)))  # the composed copy did not go through it
+
+    def worst_error(grads):
+        return max(((grads[n] - truth[n]).norm() / truth[n].norm()).item() for n in truth)
+
+    assert worst_error(fused) <= 1.25 * worst_error(plain) and worst_error(fused) < 0.05
+    assert all(g.dtype == torch.float32 for g in fused.values())
+
+
 def _saved(model, ids) -> list[tuple[torch.dtype, int]]:
     """(dtype, bytes) of each storage autograd keeps for the backward, parameters excluded.
 

@@ -63,7 +63,16 @@ class LoRABranch(torch.autograd.Function):
 
 def lora_branch(x: torch.Tensor, output: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
                 dropout: float = 0.0, training: bool = False) -> torch.Tensor:
-    """``output + scale * dropout(x) @ a.T @ b.T`` through :class:`LoRABranch` (dropout only in training)."""
+    """``output + scale * dropout(x) @ a.T @ b.T`` through :class:`LoRABranch` (dropout only in training).
+
+    Under autocast (``bf16-mixed``, ``16-mixed``) the branch runs in the autocast dtype, as the
+    composed ops would: ``x`` is cast once, the factors inside.
+    """
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return lora_branch(x.to(dtype), output.to(dtype), a, b, scale, dropout, training)
     drop = None
     if training and dropout > 0:
         if x.device.type == "cpu":  # one uniform draw and a compare beat the CPU's bool bernoulli by ~1.6x

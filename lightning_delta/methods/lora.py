@@ -261,7 +261,7 @@ class LoRALinear(LoRA):
         self._shift_weight(target, +1)
 
     #: run the branch as one autograd function (:mod:`~lightning_delta.methods.fused_lora`) where it
-    #: applies: every row, plain tensors of one dtype. ``False`` keeps the composed-ops path.
+    #: applies: every row, plain tensors of one dtype (or autocast). ``False`` keeps the composed-ops path.
     fused: bool = True
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -271,7 +271,7 @@ class LoRALinear(LoRA):
         down (their gradients arrive in fp32), not the large activations up.
         """
         if self.fused and self.row_mask is None and type(x) is torch.Tensor and type(output) is torch.Tensor \
-                and x.dtype == output.dtype and x.is_floating_point():
+                and x.is_floating_point() and (x.dtype == output.dtype or torch.is_autocast_enabled(x.device.type)):
             return lora_branch(x, output, self.A, self.B, self.scale, self.config.dropout, self.training)
         x = self.dropout(x)
         gate = self.row_gate(x)
