@@ -54,9 +54,7 @@ class DeltaModelParallelStrategy(ModelParallelStrategy):
 
     @override
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
-        if isinstance(optimizer, LightningOptimizer):
-            optimizer = optimizer._optimizer
-        state = optimizer.state_dict()
+        state = _unwrapped(optimizer).state_dict()
         return {"state": {i: {k: _full(v) for k, v in s.items()} for i, s in state["state"].items()},
                 "param_groups": state["param_groups"]}
 
@@ -111,9 +109,6 @@ class DeltaDeepSpeedStrategy(DeepSpeedStrategy):
         reset_seed()  # CPU devices have no index: Lightning's device-index check does not apply
         self.set_world_ranks()
         self._init_deepspeed_distributed()
-
-    def _get_process_group_backend(self) -> str:
-        return self._process_group_backend or ("nccl" if self.root_device.type == "cuda" else "gloo")
 
     @contextmanager
     def _device_rank(self) -> Iterator[None]:
@@ -171,7 +166,7 @@ class DeltaDeepSpeedStrategy(DeepSpeedStrategy):
         flat_state = next(iter(inner.state.values()), {})
         keys = sorted(k for k, v in flat_state.items() if torch.is_tensor(v) and v.dim() > 0)
         state = {name: {key: safe_get_full_optimizer_state(p, key).detach().cpu() for key in keys}
-                 for name, p in sorted(self._trained().items())}
+                 for name, p in sorted(self._trained().items())} if keys else {}  # none before the first step
         scalars = {k: v for k, v in flat_state.items() if k not in keys}
         groups = [{k: v for k, v in group.items() if k != "params"} for group in inner.param_groups]
         return {"deepspeed": {"state": state, "scalars": scalars}, "param_groups": groups}
@@ -231,18 +226,20 @@ class DeltaDeepSpeedStrategy(DeepSpeedStrategy):
                     safe_set_full_optimizer_state(params[name], value.to(params[name].device), key)
 
 
+def _unwrapped(optimizer: Any) -> Any:
+    return optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+
+
 def _inner_optimizer(optimizer: Any) -> Any:
     """The torch optimizer DeepSpeed drives (its state is keyed by flat fp32 partitions)."""
-    if isinstance(optimizer, LightningOptimizer):
-        optimizer = optimizer._optimizer
+    optimizer = _unwrapped(optimizer)
     return getattr(optimizer, "optimizer", optimizer)
 
 
 def _flat_partitions(optimizer: Any) -> list[torch.Tensor]:
     """This rank's flat fp32 partitions, which key the inner optimizer's state (ZeRO-3 hands them to the
     inner optimizer only while it steps; ZeRO-1/2 keep them in its param groups)."""
-    if isinstance(optimizer, LightningOptimizer):
-        optimizer = optimizer._optimizer
+    optimizer = _unwrapped(optimizer)
     for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
         if getattr(optimizer, name, None) is not None:
             return list(getattr(optimizer, name))
