@@ -103,11 +103,13 @@ def test_fp32_model_step_equals_the_composed_path():
         torch.testing.assert_close(grads[name], ref_grads[name])
 
 
-def test_bf16_model_step_is_at_least_as_close_to_fp32_as_the_composed_path():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_bf16_model_step_is_at_least_as_close_to_fp32_as_the_composed_path(device):
     """In bf16 the two round differently (addmm rounds the sum once): judge both against fp32."""
-    model, composed = _fused_and_composed(torch.bfloat16)
+    model, composed = (m.to(device) for m in _fused_and_composed(torch.bfloat16))
     reference = copy.deepcopy(model).float()  # the same bf16 values, computed in fp32
-    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), device=device)
     _, truth = _step(reference, ids)
 
     def worst_error(grads):
