@@ -26,7 +26,35 @@ from lightning_delta.errors import DeltaStateError
 from lightning_delta.state import check_fit, state_tensors
 
 
-class DeltaModelParallelStrategy(ModelParallelStrategy):
+class _SingleFileCheckpoints:
+    """Checkpoint I/O of the delta strategies: rank 0 writes one Lightning file, every rank reads it
+    (weights only) and the strategy restores the optimizer from it."""
+
+    #: the sharded format of the parent strategy, for the error on a directory
+    sharded_format: str = ""
+
+    @property
+    @override
+    def lightning_restore_optimizer(self) -> bool:
+        return True
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        Strategy.save_checkpoint(self, checkpoint, filepath, storage_options)  # rank 0 writes one file
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        path = self.broadcast(checkpoint_path)
+        if Path(path).is_dir():
+            parent = next(c for c in type(self).__mro__ if c.__module__.startswith("lightning.")).__name__
+            raise ValueError(
+                f"{path} is a directory ({self.sharded_format}); {type(self).__name__} reads the single-file"
+                f" delta checkpoints it writes. Resume a sharded directory with Lightning's {parent}"
+            )
+        return self.checkpoint_io.load_checkpoint(path, weights_only=True if weights_only is None else weights_only)
+
+
+class DeltaModelParallelStrategy(_SingleFileCheckpoints, ModelParallelStrategy):
     """``ModelParallelStrategy`` (FSDP2) that writes delta-only, single-file checkpoints.
 
     Each delta/trainable tensor is gathered in full (every shard; the frozen backbone is never
@@ -35,17 +63,14 @@ class DeltaModelParallelStrategy(ModelParallelStrategy):
     ``DeltaCallback`` exactly like ``ModelParallelStrategy``.
     """
 
+    sharded_format = "a distributed checkpoint"
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if kwargs.pop("save_distributed_checkpoint", False):
             raise ValueError(
                 "DeltaModelParallelStrategy writes single-file delta checkpoints; drop save_distributed_checkpoint=True"
             )
         super().__init__(*args, save_distributed_checkpoint=False, **kwargs)
-
-    @property
-    @override
-    def lightning_restore_optimizer(self) -> bool:
-        return True
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -57,15 +82,6 @@ class DeltaModelParallelStrategy(ModelParallelStrategy):
         state = _unwrapped(optimizer).state_dict()
         return {"state": {i: {k: _full(v) for k, v in s.items()} for i, s in state["state"].items()},
                 "param_groups": state["param_groups"]}
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        Strategy.save_checkpoint(self, checkpoint, filepath, storage_options)  # rank 0 writes one file
-
-    @override
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        path = self.broadcast(checkpoint_path)
-        return self.checkpoint_io.load_checkpoint(path, weights_only=True if weights_only is None else weights_only)
 
     @override
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
@@ -82,7 +98,7 @@ class DeltaModelParallelStrategy(ModelParallelStrategy):
             optimizer.load_state_dict({**state, "state": converted})
 
 
-class DeltaDeepSpeedStrategy(DeepSpeedStrategy):
+class DeltaDeepSpeedStrategy(_SingleFileCheckpoints, DeepSpeedStrategy):
     """``DeepSpeedStrategy`` (ZeRO stage 1-3) that writes delta-only, single-file checkpoints.
 
     DeepSpeed's own checkpoints are per-rank shards of the engine, and under ZeRO-3 the model's
@@ -95,6 +111,8 @@ class DeltaDeepSpeedStrategy(DeepSpeedStrategy):
     Runs on GPUs as Lightning's strategy does, and on the CPU with DeepSpeed's CPU accelerator and
     the gloo backend (Lightning's own strategy refuses the CPU). One optimizer, as DeepSpeed.
     """
+
+    sharded_format = "DeepSpeed's sharded format"
 
     @override
     def setup_environment(self) -> None:
@@ -140,11 +158,6 @@ class DeltaDeepSpeedStrategy(DeepSpeedStrategy):
             super()._initialize_deepspeed_inference(model)
 
     # -- checkpoints: trained tensors in full, from the fp32 master copies ------------------------------
-    @property
-    @override
-    def lightning_restore_optimizer(self) -> bool:
-        return True
-
     def _trained(self) -> dict[str, Any]:
         """The lightning module's parameters that DeepSpeed's optimizer updates, by state-dict key."""
         return {k: p for k, p in self.lightning_module.named_parameters() if p.requires_grad}
@@ -170,20 +183,6 @@ class DeltaDeepSpeedStrategy(DeepSpeedStrategy):
         scalars = {k: v for k, v in flat_state.items() if k not in keys}
         groups = [{k: v for k, v in group.items() if k != "params"} for group in inner.param_groups]
         return {"deepspeed": {"state": state, "scalars": scalars}, "param_groups": groups}
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        Strategy.save_checkpoint(self, checkpoint, filepath, storage_options)  # rank 0 writes one file
-
-    @override
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        path = self.broadcast(checkpoint_path)
-        if Path(path).is_dir():
-            raise ValueError(
-                f"{path} is a directory (DeepSpeed's sharded format); DeltaDeepSpeedStrategy reads the single-file"
-                " delta checkpoints it writes. Resume a DeepSpeed directory with Lightning's DeepSpeedStrategy"
-            )
-        return self.checkpoint_io.load_checkpoint(path, weights_only=True if weights_only is None else weights_only)
 
     @override
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:

@@ -105,11 +105,13 @@ def test_the_checkpoint_loads_onto_a_plain_backbone(runs):
         torch.testing.assert_close(state[key], value, rtol=0, atol=0)
 
 
-def test_a_deepspeed_directory_checkpoint_is_refused_with_the_fix(tmp_path):
-    from lightning_delta import DeltaDeepSpeedStrategy
+def test_a_sharded_directory_checkpoint_is_refused_with_the_fix(tmp_path):
+    from lightning_delta import DeltaDeepSpeedStrategy, DeltaModelParallelStrategy
 
-    with pytest.raises(ValueError, match="directory .*DeepSpeed's sharded format"):
+    with pytest.raises(ValueError, match="directory .*DeepSpeed's sharded format.* Lightning's DeepSpeedStrategy"):
         DeltaDeepSpeedStrategy(stage=3).load_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="directory .*distributed checkpoint.* Lightning's ModelParallelStrategy"):
+        DeltaModelParallelStrategy().load_checkpoint(tmp_path)
 
 
 def test_bf16_keeps_a_bf16_backbone_and_fp32_deltas_close_to_the_fp32_run(runs):
