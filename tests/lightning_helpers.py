@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_delta import attach_from_checkpoint, trainable_parameters
 from models import tiny_bert
+
+
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+
+
+def launch_script(name: str, *args, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Runs ``tests/scripts/<name>`` in a fresh process, offline (multi-process Lightning relaunches a script)."""
+    return subprocess.run([sys.executable, str(SCRIPTS / name), *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=600)
+
+
+def script_report(name: str, out: Path, *args, env: dict[str, str] | None = None):
+    """Runs a script that writes ``out/report.pt`` (rank 0) and returns the report."""
+    done = launch_script(name, out, *args, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return torch.load(Path(out) / "report.pt", weights_only=True)
 
 
 def save_pretrained_bert(path, layers: int = 2, hidden: int = 32, seed: int = 0) -> str:

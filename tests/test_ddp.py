@@ -1,25 +1,16 @@
 """DDP with 2 CPU processes (gloo): only delta gradients travel, ranks agree, one checkpoint."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from lightning_delta import DeltaCallback, DeltaModel
-from lightning_helpers import Classifier, loader, save_pretrained_bert, trainer
-
-SCRIPT = Path(__file__).resolve().parent / "scripts" / "ddp_train.py"
-
+from lightning_helpers import Classifier, launch_script, loader, save_pretrained_bert, trainer
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, str(SCRIPT), str(out)], capture_output=True, text=True, env=env,
-                          timeout=600)
+    done = launch_script("ddp_train.py", out)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done.stderr
 

@@ -2,32 +2,22 @@
 real values, no gathering of the frozen backbone, resume on 2 and on 1 processes."""
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from lightning_delta import load_delta
 from lightning_delta.checkpoint import META_KEY
+from lightning_helpers import launch_script, script_report
 from models import tiny_llama
 
 pytest.importorskip("deepspeed")
 
-SCRIPT = Path(__file__).resolve().parent / "scripts" / "deepspeed_train.py"
-
-
-def launch(out, source, devices, epochs, stage, *extra) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
-    return subprocess.run([sys.executable, str(SCRIPT), str(out), source, str(devices), str(epochs), str(stage),
-                           *extra], capture_output=True, text=True, env=env, timeout=600)
+CPU = {"DS_ACCELERATOR": "cpu"}
 
 
 def run(out, source, devices, epochs, stage, *extra):
-    done = launch(out, source, devices, epochs, stage, *extra)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return torch.load(out / "report.pt", weights_only=True)
+    return script_report("deepspeed_train.py", out, source, devices, epochs, stage, *extra, env=CPU)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +115,8 @@ def test_bf16_keeps_a_bf16_backbone_and_fp32_deltas_close_to_the_fp32_run(runs):
 
 def test_a_backbone_built_under_zero_init_is_refused_with_the_fix(runs):
     root, _ = runs
-    done = launch(root / "zero_init", str(root / "llama"), 2, 1, 3, "--configure-model")
+    done = launch_script("deepspeed_train.py", root / "zero_init", root / "llama", 2, 1, 3, "--configure-model",
+                         env=CPU)
     assert done.returncode != 0
     assert "is a DeepSpeed ZeRO-3 partition (full shape (32, 32))" in done.stderr
     assert "in the LightningModule's __init__, not in configure_model" in done.stderr

@@ -1,24 +1,15 @@
 """Faults: a SIGKILLed run resumes to the same deltas; a torn checkpoint never loads as valid."""
 
-import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from lightning_delta import CheckpointReadError, load_delta
-from lightning_helpers import Classifier, save_pretrained_bert
-
-SCRIPT = Path(__file__).resolve().parent / "scripts" / "kill_resume.py"
-
+from lightning_helpers import Classifier, launch_script, save_pretrained_bert
 
 def run(out, source, *extra):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(SCRIPT), str(out), source, *extra], capture_output=True, text=True,
-                          env=env, timeout=600)
+    return launch_script("kill_resume.py", out, source, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -1,25 +1,17 @@
 """FSDP2 on CPU with 2 processes: attach before sharding, delta-only checkpoints, resume on 2 and 1 processes."""
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from lightning_delta.checkpoint import META_KEY
+from lightning_helpers import script_report
 from models import tiny_llama
-
-SCRIPT = Path(__file__).resolve().parent / "scripts" / "fsdp2_train.py"
 
 
 def run(out, source, devices, epochs, *extra):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, str(SCRIPT), str(out), source, str(devices), str(epochs), *extra],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return torch.load(out / "report.pt", weights_only=True)
+    return script_report("fsdp2_train.py", out, source, devices, epochs, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 tensor_parallel_size=2) against one process with the same LoRA tensors; unsupported combinations on a 1-rank mesh."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,10 +10,10 @@ import torch
 from lightning_delta import attach
 from lightning_delta.checkpoint import META_KEY
 from lightning_delta.errors import DeltaConfigError
+from lightning_helpers import script_report
 from models import tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "tests" / "scripts" / "tp_train.py"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 COLWISE, ROWWISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"), ("o_proj", "down_proj")
 
@@ -26,11 +24,7 @@ def batches() -> torch.Tensor:  # as tests/scripts/tp_train.py
 
 def run(out, source, state, *extra):
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # this checkout's package
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
-    done = subprocess.run([sys.executable, str(SCRIPT), str(out), source, str(state), *extra],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return torch.load(out / "report.pt", weights_only=True)
+    return script_report("tp_train.py", out, source, state, *extra, env={"PYTHONPATH": path})
 
 
 def single_process(source, state):
