@@ -21,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.harness import abba, write
-from benchmarks.memory import PeakLiveBytes
+from benchmarks.memory import PeakLiveBytes, saved_for_backward
 from benchmarks.vs_peft import stepper
 from lightning_delta import attach
 from lightning_delta.core import iter_deltas
@@ -72,18 +72,10 @@ LOSSES = {"fused+chunked": lambda model, batch: chunked_causal_lm_loss(model, ba
 
 def saved_bytes(model, batch, loss=None) -> int:
     """Bytes of the storages autograd keeps for one backward, parameters excluded."""
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        value = model(**batch).loss if loss is None else loss(model, batch)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    value.backward()
+    saved = saved_for_backward(lambda: model(**batch).loss if loss is None else loss(model, batch),
+                               model.parameters())
     model.zero_grad(set_to_none=True)
-    return sum(n for k, n in saved.items() if k not in params)
+    return sum(n for _, n in saved)
 
 
 def measure(model, batch, device: torch.device, loss=None) -> dict:

@@ -4,7 +4,7 @@ the CPU has no allocator statistics, and process RSS is not tensor memory)."""
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -45,3 +45,24 @@ class PeakLiveBytes(TorchDispatchMode):
                 self.peak = max(self.peak, self.live)
                 weakref.finalize(storage, self._release, key, storage.nbytes())
         return out
+
+
+def saved_for_backward(loss: Callable[[], torch.Tensor],
+                       params: Iterable[torch.Tensor]) -> list[tuple[torch.dtype, int]]:
+    """Runs ``loss()`` and its backward; returns ``(dtype, bytes)`` of each storage autograd kept for
+    that backward, the storages of ``params`` excluded.
+
+    Storages are told apart by address, which is unique among tensors alive together (all of these
+    live until the backward), not across runs.
+    """
+    saved: dict[int, tuple[torch.dtype, int]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = (t.dtype, t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        value = loss()
+    excluded = {p.untyped_storage().data_ptr() for p in params}
+    value.backward()
+    return [v for k, v in saved.items() if k not in excluded]

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from benchmarks.memory import saved_for_backward
 from lightning_delta import attach
 from lightning_delta.core import iter_deltas
 from lightning_delta.methods.fused_lora import LoRABranch, lora_branch
@@ -148,22 +149,7 @@ def test_autocast_step_is_at_least_as_close_to_fp32_as_the_composed_path(monkeyp
 
 
 def _saved(model, ids) -> list[tuple[torch.dtype, int]]:
-    """(dtype, bytes) of each storage autograd keeps for the backward, parameters excluded.
-
-    Storages are told apart by address, which is unique among tensors alive together (all of these
-    live until the backward), not across runs.
-    """
-    saved = {}
-
-    def pack(t):
-        saved[t.untyped_storage().data_ptr()] = (t.dtype, t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, labels=ids).loss
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    loss.backward()
-    return [v for k, v in saved.items() if k not in params]
+    return saved_for_backward(lambda: model(input_ids=ids, labels=ids).loss, model.parameters())
 
 
 def _masks_and_bytes(saved):
