@@ -101,6 +101,8 @@ class DeltaConfig:
 
     #: PEFT's ``peft_type`` that :func:`~lightning_delta.export.import_peft` reads as this method
     peft_type: ClassVar[str | None] = None
+    #: where PEFT's adapter files put modules trained whole (``modules_to_save``, a classifier head)
+    peft_module_prefix: ClassVar[str] = "base_model.model."
 
     @classmethod
     def from_peft(cls, settings: dict[str, Any], parts: dict[str, dict[str, torch.Tensor]],

@@ -33,6 +33,10 @@ from lightning_delta.errors import CheckpointReadError, DeltaConfigError, DeltaS
 from lightning_delta.handle import DeltaModel
 from lightning_delta.state import TRAINABLE_ATTR, canonical, load_into, state_tensors, trainable_module_names
 
+PEFT_CONFIG, PEFT_TENSORS = "adapter_config.json", "adapter_model.safetensors"
+_PREFIX, _PROMPT_LEARNING_PREFIX = "base_model.model.", "base_model."
+
+
 def peft_methods() -> list[str]:
     """The registered methods :func:`export_peft` can write (those whose config implements ``peft_config``)."""
     from lightning_delta.methods import METHODS
@@ -52,11 +56,16 @@ def _task_type(model: nn.Module) -> str | None:
 
 
 def _saved_modules(model: nn.Module) -> list[str]:
-    """Modules trained whole, written as PEFT's ``modules_to_save``: ``trainable=`` ones and a classifier head."""
+    """Modules trained whole, written as PEFT's ``modules_to_save``: ``trainable=`` ones and a classifier head.
+
+    A module inside another one listed (``classifier.dense`` beside ``classifier``) is left out: PEFT
+    wraps the outer module, and a wrapped child of it would not be found there.
+    """
     paths = trainable_module_names(model, getattr(model, TRAINABLE_ATTR, ()))
     if _task_type(model) == "SEQ_CLS":  # PEFT always keeps the classification head as a module to save
         paths += [h for h in ("classifier", "score") if isinstance(getattr(model, h, None), nn.Module)]
-    return list(dict.fromkeys(paths))
+    paths = list(dict.fromkeys(paths))
+    return [p for p in paths if not any(p.startswith(f"{outer}.") for outer in paths)]
 
 
 def _peft_config(model: nn.Module, name: str):
@@ -67,11 +76,13 @@ def _peft_config(model: nn.Module, name: str):
 
 def _tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    for d in iter_deltas(model, name):
-        out.update(d.module.peft_state(f"base_model.model.{d.target_path}"))
+    deltas = list(iter_deltas(model, name))
+    for d in deltas:
+        out.update(d.module.peft_state(f"{_PREFIX}{d.target_path}"))
+    module_prefix = deltas[0].module.config.peft_module_prefix
     for path in _saved_modules(model):
         state = model.get_submodule(path).state_dict()
-        out.update({f"base_model.model.{path}.{k}": v.detach() for k, v in state.items()})
+        out.update({f"{module_prefix}{path}.{k}": v.detach() for k, v in state.items()})
     return {k: v.contiguous().cpu() for k, v in out.items()}
 
 
@@ -102,10 +113,6 @@ def export_peft(model: nn.Module, directory: str | Path, name: str | None = None
     _peft_config(model, name).save_pretrained(str(directory))
     save_file(_tensors(model, name), str(directory / "adapter_model.safetensors"))
     return directory
-
-
-PEFT_CONFIG, PEFT_TENSORS = "adapter_config.json", "adapter_model.safetensors"
-_PREFIX = "base_model.model."
 
 
 def read_peft_dir(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -152,15 +159,20 @@ def _split(model: nn.Module, tensors: dict[str, torch.Tensor]):
     backbone: dict[str, torch.Tensor] = {}
     heads: set[str] = set()
     for key, tensor in tensors.items():
-        if not key.startswith(_PREFIX):
+        # base_model.model.<path> for tuners; base_model.<path> for a prompt-learning adapter's head
+        prefix = next((p for p in (_PREFIX, _PROMPT_LEARNING_PREFIX) if key.startswith(p)), None)
+        if prefix is None:
             shared[key] = tensor
             continue
-        rest = key[len(_PREFIX):]
+        rest = key[len(prefix):]
         plain = canonical(rest.replace("modules_to_save.", "").replace("original_module.", ""))
         if plain in model_tensors:  # a head (modules_to_save) or a wrapped embedding PEFT saved as it is
             backbone[plain] = tensor
             if ".base_layer." not in rest:
                 heads.add(plain.rsplit(".", 1)[0])
+            continue
+        if prefix is _PROMPT_LEARNING_PREFIX:  # shared tensors of a tuner (VeRA's base_model.vera_A)
+            shared[key] = tensor
             continue
         pieces = rest.split(".")
         target = next((".".join(pieces[:n]) for n in range(len(pieces) - 1, 0, -1)

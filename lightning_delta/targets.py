@@ -48,11 +48,25 @@ ATTENTION_PRESETS: dict[str, tuple[str, ...]] = {
     "t5": ("q", "v"),
     "mt5": ("q", "v"),
     "bart": ("q_proj", "v_proj"),
-    "vit": ("query", "value"),
 }
 
-_BERT_LIKE = ("bert", "roberta", "xlm-roberta", "electra", "vit")
+#: A preset entry is a tuple of patterns, or a tuple of such layouts when transformers renamed a
+#: family's modules between releases (newest first): the first layout whose every pattern names a
+#: module of the model is used.
+Layouts = tuple[str, ...] | tuple[tuple[str, ...], ...]
+
+_BERT_LIKE = ("bert", "roberta", "xlm-roberta", "electra")
 _LLAMA_LIKE = ("llama", "mistral", "qwen2")
+
+#: ViT: ``attention.{q,k,v,o}_proj`` and ``mlp.fc{1,2}`` since transformers 5.23; BERT's names before.
+_VIT = {
+    "attention": (("q_proj", "v_proj"), ("query", "value")),
+    "attention_output": (("attention.o_proj",), ("attention.output.dense",)),
+    "ffn_output": (("mlp.fc2",), (r"re:.*layer\.\d+\.output\.dense",)),
+    "parallel_ffn": (("mlp",), (r"re:.*layer\.\d+\.output",)),
+    "key_value": (("k_proj", "v_proj"), ("key", "value")),
+}
+ATTENTION_PRESETS["vit"] = _VIT["attention"]
 
 #: Outputs of each attention block, before its residual: Houlsby adapters go here.
 ATTENTION_OUTPUT_PRESETS: dict[str, tuple[str, ...]] = {
@@ -63,6 +77,7 @@ ATTENTION_OUTPUT_PRESETS: dict[str, tuple[str, ...]] = {
     "t5": ("SelfAttention.o", "EncDecAttention.o"),
     "mt5": ("SelfAttention.o", "EncDecAttention.o"),
     "bart": ("self_attn.out_proj", "encoder_attn.out_proj"),
+    "vit": _VIT["attention_output"],
 }
 
 #: Outputs of each feed-forward block, before its residual: Houlsby and Pfeiffer adapters.
@@ -74,6 +89,7 @@ FFN_OUTPUT_PRESETS: dict[str, tuple[str, ...]] = {
     "t5": ("DenseReluDense.wo",),
     "mt5": ("DenseReluDense.wo",),
     "bart": ("fc2",),
+    "vit": _VIT["ffn_output"],
 }
 
 #: Feed-forward blocks, for adapters in parallel with them. BERT-style blocks have no module
@@ -86,6 +102,7 @@ PARALLEL_FFN_PRESETS: dict[str, tuple[str, ...]] = {
     "gpt2": ("mlp",),
     "t5": ("DenseReluDense",),
     "mt5": ("DenseReluDense",),
+    "vit": _VIT["parallel_ffn"],
 }
 
 #: Key and value projections (GPT-2 fuses q, k and v in ``c_attn``): IA3 scales their outputs.
@@ -97,11 +114,17 @@ KEY_VALUE_PRESETS: dict[str, tuple[str, ...]] = {
     "t5": ("k", "v"),
     "mt5": ("k", "v"),
     "bart": ("k_proj", "v_proj"),
+    "vit": _VIT["key_value"],
 }
 
 
-def preset(table: dict[str, tuple[str, ...]], model: nn.Module, method: str, what: str) -> list[str]:
-    """The targets ``table`` lists for ``model.config.model_type``.
+def layouts(entry: Layouts) -> list[tuple[str, ...]]:
+    """A preset entry as its list of layouts (one, unless the family's names changed across releases)."""
+    return [tuple(layout) for layout in entry] if entry and isinstance(entry[0], tuple) else [tuple(entry)]
+
+
+def preset(table: dict[str, Layouts], model: nn.Module, method: str, what: str) -> list[str]:
+    """The targets ``table`` lists for ``model.config.model_type`` (the layout that fits the model's names).
 
     Raises:
         TargetError: the model type has no entry; the message says how to pass targets.
@@ -113,7 +136,11 @@ def preset(table: dict[str, tuple[str, ...]], model: nn.Module, method: str, wha
             f" targets=['attention.output.dense'] or targets='all-linear'."
             f" Presets exist for: {', '.join(sorted(table))}"
         )
-    return list(table[kind])
+    options = layouts(table[kind])
+    if len(options) > 1:
+        names = [name for name, _ in model.named_modules()]
+        options = [o for o in options if all(any(matches(n, p) for n in names) for p in o)] or options
+    return list(options[0])
 
 
 Pattern = str

@@ -61,6 +61,63 @@ def inputs_and_labels(family: str) -> tuple[dict, torch.Tensor]:
     return inputs, (torch.tensor([0, 1]) if family == "bert" else inputs["input_ids"].clone())
 
 
+def greedy_by_full_forwards(model, inputs: dict, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Greedy decoding that runs the whole sequence through ``model`` at every step, with no cache:
+    the definition ``generate(do_sample=False)`` must match. Returns the sequences (the decoder's for
+    an encoder-decoder, starting at token 0) and each step's next-token logits."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    sequence = torch.zeros(ids.shape[0], 1, dtype=torch.long) if encoder_decoder else ids
+    scores = []
+    with torch.no_grad():
+        for _ in range(steps):
+            if encoder_decoder:
+                logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=sequence).logits[:, -1]
+            else:
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: generate() numbers from the mask
+                logits = model(input_ids=sequence, attention_mask=mask, position_ids=positions).logits[:, -1]
+                mask = torch.cat((mask, mask.new_ones(mask.shape[0], 1)), dim=1)
+            scores.append(logits)
+            sequence = torch.cat((sequence, logits.argmax(-1, keepdim=True)), dim=1)
+    return sequence, scores
+
+
+def assert_generate_is_greedy(model, family: str, steps: int = 6):
+    """``model.generate`` (with its cache) gives greedy decoding by full forwards, token for token."""
+    inputs, _ = inputs_and_labels(family)
+    out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, pad_token_id=0, output_scores=True,
+                         return_dict_in_generate=True)
+    sequence, scores = greedy_by_full_forwards(model, inputs, steps)
+    assert torch.equal(out.sequences, sequence)
+    for a, b in zip(out.scores, scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    return out
+
+
+def peft_finds_the_cache(model):
+    """``model`` made visible to PEFT 0.21's prefix tuning under transformers 5.24 (returned, changed in place).
+
+    PEFT finds where a prefix enters a classifier by looking for ``past_key_values`` in its encoder's
+    forward signature; transformers 5.24 renamed it ``cache`` (the old name still works as an alias), so
+    PEFT refuses encoder classifiers before running anything. The encoder's forward gets its old name
+    back (same function, same computation) so that PEFT's own prefix code is what runs.
+    """
+    import inspect
+
+    outer = inspect.signature(model.forward).parameters
+    inner = inspect.signature(model.base_model.forward).parameters
+    if "cache" in inner and "past_key_values" not in inner and not {"cache", "past_key_values"} & set(outer):
+        original = model.base_model.forward  # a classifier's encoder, which PEFT calls with past_key_values=
+
+        def forward(*args, past_key_values=None, **kwargs):
+            return original(*args, cache=past_key_values, **kwargs)
+
+        forward.__signature__ = inspect.signature(original).replace(parameters=[
+            p.replace(name="past_key_values") if p.name == "cache" else p for p in inner.values()])
+        model.base_model.forward = forward
+    return model
+
+
 def family_output(model, inputs) -> torch.Tensor:
     return model(**inputs).logits
 

@@ -11,7 +11,7 @@ from benchmarks.memory import saved_for_backward
 from lightning_delta import attach
 from lightning_delta.core import iter_deltas
 from lightning_delta.methods.fused_lora import LoRABranch, lora_branch
-from tests.models import tiny_llama
+from models import tiny_llama
 
 
 def _inputs(dtype=torch.float64, tokens=(3, 5), dims=(6, 4), rank=2):

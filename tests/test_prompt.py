@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_delta import DeltaModel, attach
-from models import FAMILIES, inputs_and_labels
+from models import FAMILIES, assert_generate_is_greedy, inputs_and_labels
 
 TASKS = {"bert": "SEQ_CLS", "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
 
@@ -36,16 +36,14 @@ def test_forward_and_loss_equal_peft(family):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
-def test_generate_equals_peft(family):
-    base, model, twin = pair(family)
+def test_generate_equals_greedy_decoding_of_the_peft_equal_forward(family):
+    """The forward equals PEFT's (above); generate() with its cache must decode as that forward does.
+    (PEFT 0.21's own generate() misses the cache under transformers 5.24's ``cache=`` name.)"""
+    base, model, _ = pair(family)
+    ours = assert_generate_is_greedy(model, family)
     inputs, _ = inputs_and_labels(family)
-    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0, "output_scores": True,
-              "return_dict_in_generate": True}
-    ours, theirs, plain = model.generate(**inputs, **kwargs), twin.generate(**inputs, **kwargs), \
-        base.generate(**inputs, **kwargs)
-    assert torch.equal(ours.sequences, theirs.sequences)
-    for a, b in zip(ours.scores, theirs.scores):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    plain = base.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
+                          return_dict_in_generate=True)
     assert not torch.allclose(ours.scores[0], plain.scores[0])  # the prompt steers generation
 
 

@@ -151,12 +151,13 @@ class InstructionData(_TokenizedData):
         if model is None:
             return
         from transformers import PreTrainedModel
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        from lightning_delta.hf_compat import mask_attention_implementations
 
         for module in model.modules():
             if isinstance(module, PreTrainedModel):
                 implementation = getattr(module.config, "_attn_implementation", None)
-                known = list(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping)
+                known = mask_attention_implementations()
                 if implementation is not None and implementation not in known:
                     raise ValueError(
                         f"packing=True needs an attention implementation that separates packed examples by"

@@ -18,6 +18,7 @@ from lightning_delta.targets import (
     FFN_OUTPUT_PRESETS,
     KEY_VALUE_PRESETS,
     is_linear_like,
+    layouts,
     matches,
     normalize_patterns,
     preset,
@@ -25,7 +26,8 @@ from lightning_delta.targets import (
 
 
 #: Feed-forward down projections of the preset architectures (unambiguous across them).
-FEEDFORWARD_DEFAULT = tuple(dict.fromkeys(p for patterns in FFN_OUTPUT_PRESETS.values() for p in patterns))
+FEEDFORWARD_DEFAULT = tuple(dict.fromkeys(p for entry in FFN_OUTPUT_PRESETS.values() for layout in layouts(entry)
+                                          for p in layout))
 
 
 def _in_out(module: nn.Module) -> tuple[int, int]:

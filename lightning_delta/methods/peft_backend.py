@@ -79,6 +79,11 @@ class PeftDeltaConfig(WholeModelConfig):
     def supports(self, module: nn.Module) -> bool:
         return True
 
+    def peft_config(self, deltas: list, **common: Any) -> Any:
+        """The PEFT config it came from (an adapter imported through PEFT exports back to its own format)."""
+        peft = _require_peft()
+        return peft.get_peft_config({**self.peft, **common, "inference_mode": True})
+
     def build(self, module: nn.Module, seed: int, path: str = "") -> PeftDelta:
         delta = PeftDelta(self, module)
         delta.init_seed = seed
@@ -93,9 +98,29 @@ class PeftDelta(Delta):
         with torch.random.fork_rng(devices=[]):  # PEFT draws from the global RNG: seed it, then restore it
             torch.manual_seed(self.init_seed)
             peft.inject_adapter_in_model(peft.get_peft_config(dict(self.config.peft)), target,
-                                         adapter_name=self.config.name or "default")
+                                         adapter_name=self.adapter_name)
+        # the model, whose PEFT layers hold this delta's tensors (in a tuple: not a registered submodule,
+        # and deep-copied together with the model)
+        self._target = (target,)
+
+    @property
+    def adapter_name(self) -> str:
+        return self.config.name or "default"
+
+    def peft_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The injected adapter's tensors under PEFT's file names (``<module>.lora_A.weight``)."""
+        (target,) = self._target
+        out = {}
+        for path, part in peft_adapter_modules(target):
+            if self.adapter_name in part:
+                entry = part[self.adapter_name]
+                state = entry.state_dict() if isinstance(entry, nn.Module) else {"": entry}
+                for key, value in state.items():
+                    out[".".join(filter(None, (prefix.rstrip("."), path, key)))] = value.detach()
+        return out
 
     def unhook_from(self, target: nn.Module) -> None:
+        self._target = ()
         for path, module in list(target.named_modules()):
             if getattr(module, "adapter_layer_names", None) and hasattr(module, "base_layer") and path:
                 parent_path, _, child = path.rpartition(".")

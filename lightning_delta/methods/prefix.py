@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -22,24 +21,22 @@ from torch import nn
 
 from lightning_delta.core import fill_, kaiming_
 from lightning_delta.errors import DeltaConfigError, UnsupportedModuleError
+from lightning_delta.hf_compat import cache_argument, forward_parameters, pop_cache
 from lightning_delta.methods.virtual_tokens import VirtualTokens, VirtualTokensConfig
 
 
-def _takes_cache(module: nn.Module) -> bool:
-    return "past_key_values" in inspect.signature(module.forward).parameters
-
-
 def cache_owner(model: nn.Module) -> nn.Module:
-    """The module whose forward takes ``past_key_values``: the model, or its base model (a BERT
-    classifier's ``bert``), which then gets the prefix while the head works as before."""
-    if _takes_cache(model):
+    """The module whose forward takes a key/value cache (``cache``, or ``past_key_values`` before
+    transformers 5.24): the model, or its base model (a BERT classifier's ``bert``), which then gets
+    the prefix while the head works as before."""
+    if cache_argument(model):
         return model
     base = getattr(model, "base_model", None)
-    if isinstance(base, nn.Module) and base is not model and _takes_cache(base):
+    if isinstance(base, nn.Module) and base is not model and cache_argument(base):
         return base
     raise UnsupportedModuleError(
-        f"prefix needs a transformers model whose forward takes past_key_values; {type(model).__name__} and its"
-        " base model do not. Use 'prompt' or 'lora' there")
+        f"prefix needs a transformers model whose forward takes a key/value cache (cache or past_key_values);"
+        f" {type(model).__name__} and its base model do not. Use 'prompt' or 'lora' there")
 
 
 #: Inputs that tell the batch size, in the order they are looked up.
@@ -82,7 +79,7 @@ class PrefixConfig(VirtualTokensConfig):
     """
 
     method = "prefix"
-    supported_types = "a transformers model (with a config) whose forward takes past_key_values"
+    supported_types = "a transformers model (with a config) whose forward takes a key/value cache"
 
     projection: bool = False
     projection_dim: int = 512
@@ -106,7 +103,7 @@ class PrefixConfig(VirtualTokensConfig):
         return getattr(module, "config", None) is not None
 
     def target_names(self, model: nn.Module) -> list[str]:
-        """The model itself: the prefix enters through its ``past_key_values``."""
+        """The model itself: the prefix enters through its key/value cache."""
         names = super().target_names(model)
         cache_owner(model)  # raises if nothing in it takes past_key_values
         return names
@@ -132,7 +129,8 @@ class Prefix(VirtualTokens):
         else:
             self.embedding = nn.Parameter(torch.empty(config.num_virtual_tokens, width, **self.factory))
             self.transform = None
-        self._signature = tuple(inspect.signature(cache_owner(model).forward).parameters)
+        owner = cache_owner(model)
+        self._signature, self._cache_argument = forward_parameters(owner), cache_argument(owner)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -192,14 +190,14 @@ class Prefix(VirtualTokens):
             return args, kwargs
         kwargs = {**dict(zip(self._signature, args)), **kwargs}
         n = self.num_virtual_tokens
-        cache = kwargs.get("past_key_values")
-        injected = cache is None or not cache.get_seq_length()
-        if injected:
+        cache = pop_cache(kwargs)
+        if cache is None or not cache.get_seq_length():
             batch = next(t.shape[0] for t in (kwargs.get(k) for k in _BATCH_SOURCES) if t is not None)
             dtype = model.get_input_embeddings().weight.dtype
-            kwargs["past_key_values"] = self.cache(batch, dtype, store=not model.training)
+            cache = self.cache(batch, dtype, store=not model.training)
             if kwargs.get("cache_position") is not None:  # counted by the caller without the prefix
                 kwargs["cache_position"] = kwargs["cache_position"] + n
+        kwargs[self._cache_argument] = cache
         if kwargs.get("position_ids") is not None:  # token positions start after the prefix
             kwargs["position_ids"] = kwargs["position_ids"] + n
         mask_key = "decoder_attention_mask" if self.encoder_decoder else "attention_mask"

@@ -13,12 +13,13 @@ Parameters: ``num_virtual_tokens * hidden``.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from lightning_delta.errors import UnsupportedModuleError
+from lightning_delta.hf_compat import cache_argument, forward_parameters, pop_cache
 from lightning_delta.methods.virtual_tokens import VirtualTokens, VirtualTokensConfig
 
 INITS = ("vocab", "random")
@@ -55,6 +56,20 @@ class PromptConfig(VirtualTokensConfig):
     def supports(self, module: nn.Module) -> bool:
         return callable(getattr(module, "get_input_embeddings", None))
 
+    def target_names(self, model: nn.Module) -> list[str]:
+        """The model itself, if its inputs are token embeddings (not image patches or audio features)."""
+        names = super().target_names(model)
+        embeddings = model.get_input_embeddings()
+        encoder = model.get_encoder() if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else model
+        if not isinstance(embeddings, nn.Embedding) or "inputs_embeds" not in forward_parameters(encoder):
+            takes = "" if isinstance(embeddings, nn.Embedding) else \
+                f" (its input embeddings are a {type(embeddings).__name__})"
+            raise UnsupportedModuleError(
+                f"'prompt' puts learned token embeddings in front of the input tokens; {type(model).__name__}"
+                f" does not take token embeddings as its input{takes}. Use 'lora', 'ia3', 'adapter' or 'bitfit'"
+                " there (prompt tuning works on text models whose forward takes inputs_embeds)")
+        return names
+
     def build(self, module: nn.Module, seed: int, path: str = "") -> SoftPrompt:
         return SoftPrompt(self, module, seed)
 
@@ -70,7 +85,7 @@ class SoftPrompt(VirtualTokens):
         self.embedding = nn.Parameter(torch.empty(config.num_virtual_tokens, embeddings.weight.shape[1],
                                                   **self.factory))
         self.init, self.init_seed = config.init, seed
-        self._signature = tuple(inspect.signature(model.forward).parameters)
+        self._signature, self._cache_argument = forward_parameters(model), cache_argument(model)
         self.reset_parameters(embeddings.weight)
 
     @torch.no_grad()
@@ -149,7 +164,9 @@ class SoftPrompt(VirtualTokens):
                 if source is not None:
                     self._extend_mask(kwargs, source.shape[1] + self.num_virtual_tokens)
             return (), kwargs
-        cache = kwargs.get("past_key_values")
+        cache = pop_cache(kwargs)
+        if cache is not None:  # under the name this release's forward takes
+            kwargs[self._cache_argument or "past_key_values"] = cache
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         if past == 0:
             self._prepend(model, kwargs, model)
@@ -166,8 +183,7 @@ class SoftPrompt(VirtualTokens):
         """The encoder's pre-hook (encoder-decoder models)."""
         if not self.active:
             return args, kwargs
-        names = tuple(inspect.signature(encoder.forward).parameters)
-        kwargs = {**dict(zip(names, args)), **kwargs}
+        kwargs = {**dict(zip(forward_parameters(encoder), args)), **kwargs}
         self._prepend(encoder, kwargs, encoder)
         return (), kwargs
 
