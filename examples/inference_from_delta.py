@@ -11,7 +11,7 @@ import argparse
 import torch
 from custom_module import SentimentModule
 
-from lightning_delta import load_delta
+from lightning_delta import DeltaModel, load_delta
 
 
 def main() -> None:
@@ -22,9 +22,9 @@ def main() -> None:
     args = parser.parse_args()
 
     module = SentimentModule()                  # pretrained backbone, fresh classifier
-    handle = load_delta(module, args.ckpt)      # attaches the recorded LoRA, loads it and the classifier
+    module = load_delta(module, args.ckpt)      # attaches the recorded LoRA, loads it and the classifier
     if args.merge:
-        handle.merge()
+        DeltaModel(module).merge()
     module.eval()
     with torch.no_grad():
         for text, p in zip(args.texts, module(args.texts).tolist()):

@@ -21,6 +21,8 @@ from lightning_delta.errors import (  # noqa: E402
     DeltaError,
     DeltaStateError,
     MergeError,
+    ModelLoadError,
+    NonFiniteError,
     TargetError,
     UnsupportedModuleError,
 )
@@ -66,6 +68,8 @@ __all__ = [
     "AdapterConfig",
     "BitFitConfig",
     "CheckpointReadError",
+    "ModelLoadError",
+    "NonFiniteError",
     "CompacterConfig",
     "Delta",
     "DeltaCallback",

@@ -8,23 +8,26 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.plugins.precision import BitsandbytesPrecision, HalfPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+import torch
 from torch import nn
 from typing_extensions import override
 
+from lightning_delta.checkpoint_io import AtomicCheckpointIO, check_finite
 from lightning_delta.checkpointing import enable_checkpointing
 from lightning_delta.checkpoint import META_KEY, DeltaCheckpointHooks, checkpoint_metadata, spec_differences
-from lightning_delta.core import DeltaConfig
+from lightning_delta.core import DeltaConfig, detach_delta
 from lightning_delta.distributed import AttachAfterConfigureModel, install_wrap_policy
-from lightning_delta.errors import DeltaConfigError, DeltaStateError
+from lightning_delta.errors import DeltaConfigError, DeltaStateError, NonFiniteError
 from lightning_delta.handle import DeltaModel, ensure_attached, to_configs
 from lightning_delta.methods.adalora import RankAllocator
 from lightning_delta.precision import KeepDeltasThroughLayerSwap, KeepTrainableFp32
-from lightning_delta.state import compare_fingerprint, trainable_module_names
+from lightning_delta.state import TRAINABLE_ATTR, compare_fingerprint, trainable_module_names
 from lightning_delta.targets import normalize_patterns
 
 try:  # let LightningCLI / jsonargparse accept `class_path: lightning_delta.LoraConfig` for a DeltaConfig
@@ -72,7 +75,10 @@ class DeltaCallback(Callback):
 
     Args:
         method: a method name (``"lora"``, ``"bitfit"``), a config (``LoraConfig(r=8)``) or a list of configs.
-        targets: target patterns (``None``: the preset for the backbone's ``config.model_type``).
+        targets: target patterns (``None``: the method's default placement for the backbone's
+            ``config.model_type``). With ``method`` a config, give them in the config instead
+            (``LoraConfig(targets=[...])``; YAML ``delta.method.init_args.targets``): the command refuses
+            ``delta.targets`` then, and naming them in both places is an error.
         trainable: patterns of backbone modules trained whole, e.g. ``["classifier"]``.
         module: dotted path of the backbone inside the LightningModule; by default the one
             transformers ``PreTrainedModel`` it holds.
@@ -82,6 +88,9 @@ class DeltaCallback(Callback):
             activations (non-reentrant; see :mod:`lightning_delta.checkpointing`).
         every_n_layers: with ``gradient_checkpointing``, checkpoint every n-th block only.
         peft_config: instead of ``method``, any ``peft.PeftConfig`` (the PEFT backend; needs ``peft``).
+        check_finite: stop training with :class:`NonFiniteError` at the first NaN/inf loss, or NaN/inf
+            delta after an optimizer step (naming the step), and never checkpoint non-finite tensors.
+            Steps a ``16-mixed`` GradScaler skips for inf gradients leave the deltas finite: not errors.
         active: names of the deltas that apply and train (default: all). Others attached to the
             backbone (e.g. earlier tasks loaded with ``load_delta``) stay frozen and unused, see
             :meth:`DeltaModel.set_active`.
@@ -103,6 +112,7 @@ class DeltaCallback(Callback):
         every_n_layers: int = 1,
         peft_config: Any = None,
         active: str | list[str] | None = None,
+        check_finite: bool = True,
         **hparams: Any,
     ) -> None:
         if peft_config is not None and method == "lora":
@@ -114,6 +124,8 @@ class DeltaCallback(Callback):
             raise DeltaConfigError(f"every_n_layers={every_n_layers} must be at least 1")
         self._checkpointing = every_n_layers if gradient_checkpointing else 0
         self._active = None if active is None else list(normalize_patterns(active))
+        self._check_finite = check_finite
+        self._delta_parameters: list | None = None  # what check_finite watches, found at the first step
         self._allocators: dict[str, RankAllocator] = {}
         self._allocator_state: dict[str, Any] = {}
         self._last_step = -1
@@ -143,10 +155,22 @@ class DeltaCallback(Callback):
         backbone = pl_module.get_submodule(path)
         # Initial values are seeded from the run's seed (seed_everything, else 0) and each delta's
         # path, so every rank draws the same ones without a broadcast.
-        ensure_attached(backbone, self._configs, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
-        handle = DeltaModel(backbone).freeze_backbone(self._trainable)
-        if self._active is not None:
-            handle.set_active(self._active)
+        grads = {p: p.requires_grad for p in backbone.parameters()}
+        recorded = backbone.__dict__.get(TRAINABLE_ATTR)
+        added = ensure_attached(backbone, self._configs, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+        try:
+            handle = DeltaModel(backbone).freeze_backbone(self._trainable)
+            if self._active is not None:
+                handle.set_active(self._active)
+        except Exception:  # e.g. trainable=["nomatch"]: leave the model as it was, so a corrected retry works
+            for name in added:
+                detach_delta(backbone, name)
+            for p, flag in grads.items():
+                p.requires_grad_(flag)
+            backbone.__dict__.pop(TRAINABLE_ATTR, None)
+            if recorded is not None:
+                backbone.__dict__[TRAINABLE_ATTR] = recorded
+            raise
         if self._checkpointing:
             enable_checkpointing(backbone, every_n_layers=self._checkpointing)
         DeltaCheckpointHooks.install(pl_module, path)
@@ -171,6 +195,8 @@ class DeltaCallback(Callback):
             AttachAfterConfigureModel.install(pl_module, self)
         else:
             self.attach(pl_module)  # setup runs for every stage: attach is idempotent
+        if type(getattr(trainer.strategy, "checkpoint_io", None)) is TorchCheckpointIO:  # Lightning's default
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         plugin = trainer.strategy.precision_plugin
         if isinstance(plugin, BitsandbytesPrecision) and not isinstance(plugin.convert_module,
                                                                         KeepDeltasThroughLayerSwap):
@@ -208,6 +234,7 @@ class DeltaCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._delta_parameters = None
         backbone = pl_module.get_submodule(self.backbone_path(pl_module))
         self._allocators = {}
         for name, config in DeltaModel(backbone).configs.items():
@@ -247,11 +274,35 @@ class DeltaCallback(Callback):
                            batch_idx: int) -> None:
         """AdaLoRA's importance update and reallocation, once per optimizer step: after ``optimizer.step()``,
         before the next ``zero_grad()`` (Lightning clears gradients inside the next step's closure)."""
+        if self._check_finite:
+            self._stop_if_not_finite(trainer, pl_module, outputs)
         if not self._allocators or trainer.global_step == self._last_step:
             return  # no allocator, or an accumulating batch without an optimizer step
         self._last_step = trainer.global_step
         for allocator in self._allocators.values():
             allocator.update_and_allocate(trainer.global_step)
+
+    def _stop_if_not_finite(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        where = f"step {trainer.global_step} (epoch {trainer.current_epoch})"
+        if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss.detach()).all()):
+            raise NonFiniteError(
+                f"the training loss is {loss.item()} at {where}: training stopped before any delta or checkpoint"
+                " took it. Lower the learning rate, check the data for empty or extreme rows, or clip gradients"
+                " (Trainer(gradient_clip_val=1.0)); DeltaCallback(check_finite=False) turns this check off")
+        if self._delta_parameters is None:
+            backbone = pl_module.get_submodule(self.backbone_path(pl_module))
+            self._delta_parameters = DeltaModel(backbone).delta_parameters()
+        # local shards of sharded (DTensor) deltas: no collective per step
+        finite = [torch.isfinite(getattr(p, "_local_tensor", p).detach()).all() for p in self._delta_parameters]
+        if finite and not bool(torch.stack(finite).all()):
+            name = next((n for n, p in pl_module.named_parameters()
+                         if p.requires_grad and not bool(torch.isfinite(getattr(p, "_local_tensor", p)).all())),
+                        "a delta tensor")
+            raise NonFiniteError(
+                f"{name} became NaN or infinite after the optimizer step at {where}: training stopped and no"
+                " checkpoint was written with it. Lower the learning rate or clip gradients"
+                " (Trainer(gradient_clip_val=1.0)); DeltaCallback(check_finite=False) turns this check off")
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -263,6 +314,8 @@ class DeltaCallback(Callback):
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if self._check_finite:
+            check_finite(checkpoint.get("state_dict", {}), f"checkpoint at step {trainer.global_step}")
         checkpoint[META_KEY] = checkpoint_metadata(pl_module, self.backbone_path(pl_module))
 
     @override

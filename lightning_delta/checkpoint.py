@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from torch import nn
 from lightning_delta import __version__
 from lightning_delta.core import DeltaConfig, detach_delta
 from lightning_delta.errors import CheckpointReadError, DeltaStateError
+from lightning_delta.files import read_pair, write_pair
 from lightning_delta.handle import DeltaModel, ensure_attached
 from lightning_delta.methods import config_from_dict
 from lightning_delta.targets import normalize_patterns
@@ -32,12 +33,14 @@ from lightning_delta.state import (
     load_into,
     read_checkpoint,
     state_tensors,
+    unowned_trainable_keys,
 )
 
 #: Key of the delta record in a Lightning checkpoint dict.
 META_KEY = "lightning_delta"
 FORMAT_VERSION = 1
 _HOOKS_ATTR = "_lightning_delta_checkpoint_hooks"
+M = TypeVar("M", bound=nn.Module)
 
 
 def _prefix(path: str) -> str:
@@ -182,40 +185,65 @@ def save_delta(model: nn.Module, directory: str | Path, names: str | Iterable[st
     """
     import json
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     handle = DeltaModel(model)
     if not handle.deltas():
         raise DeltaStateError(f"{type(model).__name__} has no delta attached: nothing to save")
     chosen = None if names is None else [d.name for d in handle._selected(names)]
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     keys = kept_keys(model, chosen, () if chosen is not None else None)
+    if chosen is None:
+        loose = unowned_trainable_keys(model)
+        if loose:
+            raise DeltaStateError(
+                f"{len(loose)} backbone parameters outside the deltas require grad (e.g. {loose[:3]}): the backbone"
+                " is not frozen, so save_delta would not know what belongs to the delta. Call"
+                " DeltaModel(model).freeze_backbone(trainable=[...]) first, naming the modules trained whole")
     tensors = {k: t.detach().contiguous().cpu() for k, t in state_tensors(model).items() if k in keys}
-    save_file(tensors, str(directory / DELTA_TENSORS), metadata={"format": "lightning_delta"})
-    (directory / DELTA_RECORD).write_text(json.dumps(checkpoint_metadata(model, "", chosen), indent=2))
-    return directory
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise DeltaStateError(f"{key} holds NaN or infinite values: refusing to save it (the previous save, if"
+                                  " any, is kept)")
+    payload = safetensors_bytes(tensors, metadata={"format": "lightning_delta"})
+    record = checkpoint_metadata(model, "", chosen)
+
+    def record_bytes(digest: str) -> bytes:
+        return json.dumps({**record, "tensors_sha256": digest}, indent=2).encode()
+
+    return write_pair(directory, DELTA_TENSORS, payload, DELTA_RECORD, record_bytes)
 
 
 def read_delta_dir(directory: str | Path) -> dict[str, Any]:
     """Reads a :func:`save_delta` folder into the dict ``load_delta`` takes.
 
+    The tensors must be the ones the record names (by SHA-256); a save interrupted between its two
+    renames still reads back, as its new version.
+
     Raises:
-        CheckpointReadError: a file is missing or unreadable.
+        CheckpointReadError: a file is missing, unreadable, or does not belong with the other.
     """
     import json
 
-    from safetensors.torch import load_file
+    from safetensors.torch import load as safetensors_load
 
     directory = Path(directory)
+
+    def parse(record: bytes) -> dict[str, Any]:
+        try:
+            parsed = json.loads(record)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise CheckpointReadError(f"{str(directory / DELTA_RECORD)!r} is not valid JSON: {err}") from err
+        if not isinstance(parsed, dict) or not isinstance(parsed.get("specs"), list):
+            raise CheckpointReadError(f"{str(directory / DELTA_RECORD)!r} is not a delta record (no 'specs' list)")
+        return parsed
+
+    payload, record = read_pair(directory, DELTA_TENSORS, DELTA_RECORD, lambda b: parse(b).get("tensors_sha256"))
     try:
-        record = json.loads((directory / DELTA_RECORD).read_text())
-        tensors = load_file(str(directory / DELTA_TENSORS))
-    except (OSError, ValueError) as err:
-        raise CheckpointReadError(
-            f"{str(directory)!r} is not a readable delta folder ({DELTA_TENSORS} + {DELTA_RECORD}): {err}"
-        ) from err
-    return {"state_dict": tensors, META_KEY: record}
+        tensors = safetensors_load(payload)
+    except Exception as err:  # safetensors raises its own SafetensorError for a torn or garbled file
+        raise CheckpointReadError(f"{str(directory / DELTA_TENSORS)!r} is not a readable safetensors file:"
+                                  f" {err}") from err
+    return {"state_dict": tensors, META_KEY: parse(record)}
 
 
 def load_delta(
@@ -227,7 +255,7 @@ def load_delta(
     specs: Sequence[DeltaConfig] | None = None,
     trainable: Iterable[str] | None = None,
     module: str | None = None,
-) -> DeltaModel:
+) -> M:
     """Attaches the deltas a checkpoint records to ``model`` and loads their weights.
 
     ``model`` is freshly built with its pretrained backbone: the LightningModule the
@@ -246,7 +274,8 @@ def load_delta(
             (default: ``model`` itself).
 
     Returns:
-        The :class:`DeltaModel` of the backbone, frozen but for deltas and trainable modules.
+        ``model`` itself, its backbone frozen but for the deltas and trainable modules (ready for
+        ``model.eval()``); ``DeltaModel(model)`` is its handle (``merge()``, ``summary()``, ...).
 
     Raises:
         CheckpointReadError: the file is missing, truncated or not a safe checkpoint.
@@ -257,7 +286,8 @@ def load_delta(
     elif Path(checkpoint).is_dir() and (Path(checkpoint) / "adapter_config.json").is_file():
         from lightning_delta.export import import_peft
 
-        return import_peft(model.get_submodule(module) if module else model, checkpoint)
+        import_peft(model.get_submodule(module) if module else model, checkpoint)
+        return model
     elif Path(checkpoint).is_dir():
         ckpt = read_delta_dir(checkpoint)
     else:
@@ -285,7 +315,7 @@ def load_delta(
     added: list[str] = []
     try:
         added = ensure_attached(backbone, specs)
-        handle = DeltaModel(backbone).freeze_backbone(trainable)
+        DeltaModel(backbone).freeze_backbone(trainable)
         names = {s.name or s.method for s in specs}
         # the deltas this file holds and its trainable modules; other deltas already attached are not its business
         expected = {prefix + k for k in kept_keys(backbone, names, normalize_patterns(meta["trainable"] if meta
@@ -305,7 +335,7 @@ def load_delta(
         raise
     for note in notes:
         warnings.warn(note, stacklevel=2)
-    return handle
+    return model
 
 
 def attach_from_checkpoint(root: nn.Module, checkpoint: Mapping[str, Any]) -> DeltaModel:

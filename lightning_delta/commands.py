@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from lightning_delta.checkpoint import META_KEY, load_delta, save_delta
-from lightning_delta.errors import DeltaError, DeltaStateError
+from lightning_delta.errors import DeltaConfigError, DeltaStateError
 from lightning_delta.handle import DeltaModel, attach
 from lightning_delta.state import read_checkpoint
 
@@ -63,14 +63,10 @@ def backbone_for(ckpt: Mapping[str, Any], model: str | None = None) -> tuple[nn.
                               " in Python and use lightning_delta.load_delta(model, ckpt)")
     recorded = meta.get("backbone_config")
     kwargs = {"config": cls.config_class.from_dict(recorded)} if recorded else {}
-    from transformers.utils import logging as hf_logging
+    from lightning_delta.hf_compat import load_pretrained
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # a head "newly initialized" here comes from the delta checkpoint next
-    try:
-        return cls.from_pretrained(name, **kwargs).eval(), name
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    # quietly: a head "newly initialized" here comes from the delta checkpoint next
+    return load_pretrained(cls, name, **kwargs).eval(), name
 
 
 def export(ckpt_path: str, to: str, directory: str, model: str | None = None, name: str | None = None) -> Path:
@@ -93,9 +89,12 @@ def merge(ckpt_path: str, out: str, model: str | None = None) -> Path:
     Raises:
         MergeError: a delta cannot be merged (adapters, prompts, prefixes): export it instead.
     """
+    if Path(out).exists() and not Path(out).is_dir():
+        raise DeltaConfigError(f"--out {out!r} is an existing file; merge writes a folder (save_pretrained layout):"
+                               " name a new folder, or an existing one to overwrite its model files")
     ckpt = read_checkpoint(ckpt_path)
     backbone, name = backbone_for(ckpt, model)
-    merged = load_delta(backbone, ckpt).merge_and_unload()
+    merged = DeltaModel(load_delta(backbone, ckpt)).merge_and_unload()
     merged.save_pretrained(out)
     try:
         from transformers import AutoTokenizer
@@ -109,9 +108,12 @@ def merge(ckpt_path: str, out: str, model: str | None = None) -> Path:
 def _inspect_model(args: argparse.Namespace) -> nn.Module:
     if args.config:
         from lightning_delta.callback import DeltaCallback
-        from lightning_delta.cli import DeltaCLI
+        from lightning_delta.cli import DeltaCLI, switch_method
 
-        cli = DeltaCLI(args=["--config", args.config, *args.overrides], run=False)
+        from unittest import mock
+
+        with mock.patch.object(sys, "argv", sys.argv[:1]):  # arguments come from args alone: no "both" warning
+            cli = DeltaCLI(args=["--config", args.config, *switch_method(args.overrides)], run=False)
         (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, DeltaCallback)]
         if not callback._backbone_exists(cli.model):
             cli.model.configure_model()
@@ -122,7 +124,9 @@ def _inspect_model(args: argparse.Namespace) -> nn.Module:
     from lightning_delta.tasks.sources import resolve_source
 
     cls = getattr(transformers, args.auto_class)
-    model = cls.from_pretrained(resolve_source(args.model))
+    from lightning_delta.hf_compat import load_pretrained
+
+    model = load_pretrained(cls, resolve_source(args.model))
     attach(model, args.method, targets=args.targets or None).freeze_backbone(args.trainable)
     return model
 
@@ -181,8 +185,10 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def run(argv: list[str]) -> int:
-    """Runs one of :data:`COMMANDS`; errors print one line and exit 2."""
+def run(argv: list[str], debug: bool = False) -> int:
+    """Runs one of ``export``, ``merge``, ``inspect``; a user's mistake prints one short block and exits 2."""
+    from lightning_delta.cli import _expected_errors, fail
+
     args = parser().parse_args(argv)
     try:
         if args.command == "export":
@@ -192,7 +198,8 @@ def run(argv: list[str]) -> int:
             print(f"wrote {merge(args.ckpt, args.out, args.model)}")
         else:
             inspect(args)
-    except DeltaError as err:
-        print(f"lightning-delta {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except _expected_errors() as err:
+        if debug:
+            raise
+        fail(args.command, err)
     return 0

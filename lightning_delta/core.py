@@ -10,6 +10,7 @@ Backbone parameter and buffer names never change.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 import zlib
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_delta.errors import DeltaConfigError, DeltaError, MergeError, UnsupportedModuleError
+from lightning_delta.errors import DeltaConfigError, DeltaError, DeltaStateError, MergeError, UnsupportedModuleError
 from lightning_delta.targets import ATTENTION_PRESETS, normalize_patterns, preset, resolve_targets
 
 _COMMON_FIELDS = ("targets", "exclude", "name", "delta_dtype")
@@ -29,7 +30,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 
 @dataclass
-class DeltaConfig:
+class DeltaConfig(abc.ABC):
     """What to attach and where. Each method subclasses this with its typed hyper-parameters.
 
     Args:
@@ -59,6 +60,10 @@ class DeltaConfig:
             raise DeltaConfigError(f"delta name {self.name!r} must be a Python identifier, e.g. 'lora_task_a'")
         if self.delta_dtype is not None and self.delta_dtype not in DTYPES:
             raise DeltaConfigError(f"delta_dtype={self.delta_dtype!r} is not one of {sorted(DTYPES)}")
+        for f in dataclasses.fields(self):  # no hyper-parameter of any method means anything as NaN or inf
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise DeltaConfigError(f"{self.method}: {f.name}={value!r} is invalid; it must be a finite number")
         self.validate()
 
     def validate(self) -> None:
@@ -74,9 +79,13 @@ class DeltaConfig:
         """Whether this method can attach to ``module``."""
         raise NotImplementedError(f"{type(self).__name__} must implement supports()")
 
+    @abc.abstractmethod
     def build(self, module: nn.Module, seed: int, path: str) -> Delta:
-        """A new, unattached delta for ``module`` (at dotted ``path``); random initial values derive from ``seed``."""
-        raise NotImplementedError(f"{type(self).__name__} must implement build()")
+        """A new, unattached delta for ``module`` (at dotted ``path``); random initial values derive from ``seed``.
+
+        Abstract: the bases (this class, ``WholeModelConfig``, ``VirtualTokensConfig``) are not methods,
+        and the command's help does not list them among the methods.
+        """
 
     def target_names(self, model: nn.Module) -> list[str]:
         """Dotted names of the modules this config attaches to in ``model`` (targets or the preset)."""
@@ -368,6 +377,26 @@ def iter_deltas(model: nn.Module, name: str | None = None) -> Iterator[AttachedD
             target_path, _, delta_name = path.rpartition(".")
             if name is None or delta_name == name:
                 yield AttachedDelta(path, target_path, delta_name, module)
+
+
+def as_shape(tensor: torch.Tensor | None, shape: torch.Size | tuple[int, ...], name: str) -> torch.Tensor:
+    """An imported tensor in ``shape``, where only the layout differs: singleton dimensions (PEFT's
+    ``(1, in)`` IA3 vector, ``(out, r, 1, 1)`` conv factor) or a flattened kernel (``(r, in, kh, kw)``).
+    A tensor with other dimensions (e.g. transposed) is refused rather than reshaped into garbage.
+
+    Raises:
+        DeltaStateError: missing, or another shape; the message names ``name`` and both shapes.
+    """
+    shape = tuple(shape)
+    if tensor is None:
+        raise DeltaStateError(f"the adapter has no {name!r} (expected shape {shape})")
+    have = tuple(tensor.shape)
+    same = have == shape or [d for d in have if d != 1] == [d for d in shape if d != 1] \
+        or (tensor.dim() > 2 and tuple(tensor.flatten(1).shape) == shape)
+    if not same:
+        raise DeltaStateError(f"the adapter's {name!r} has shape {have}; this delta needs {shape}: it was saved"
+                              " for other dimensions or transposed, and is refused rather than reshaped")
+    return tensor.reshape(shape)
 
 
 def fill_(param: torch.Tensor, draw: Callable[[torch.Tensor], Any]) -> None:

@@ -27,3 +27,11 @@ class DeltaStateError(DeltaError, ValueError):
 
 class CheckpointReadError(DeltaError, OSError):
     """A checkpoint file is missing, truncated, corrupt or not a checkpoint."""
+
+
+class ModelLoadError(DeltaError, OSError):
+    """A pretrained model or tokenizer could not be loaded from its name or folder (offline, misspelt, missing)."""
+
+
+class NonFiniteError(DeltaError, FloatingPointError):
+    """A loss or a delta tensor became NaN or infinite (training stops; nothing non-finite is saved)."""

@@ -30,10 +30,13 @@ from torch import nn
 
 from lightning_delta.core import iter_deltas
 from lightning_delta.errors import CheckpointReadError, DeltaConfigError, DeltaStateError
+from lightning_delta.files import read_pair, write_pair
 from lightning_delta.handle import DeltaModel
 from lightning_delta.state import TRAINABLE_ATTR, canonical, load_into, state_tensors, trainable_module_names
 
 PEFT_CONFIG, PEFT_TENSORS = "adapter_config.json", "adapter_model.safetensors"
+#: safetensors metadata key of the adapter config's SHA-256 in folders export_peft writes
+CONFIG_DIGEST_KEY = "lightning_delta_config_sha256"
 _PREFIX, _PROMPT_LEARNING_PREFIX = "base_model.model.", "base_model."
 
 
@@ -95,7 +98,7 @@ def export_peft(model: nn.Module, directory: str | Path, name: str | None = None
     Raises:
         DeltaConfigError: no such delta, or a method PEFT has no equivalent for.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     handle = DeltaModel(model)
     names = list(handle.configs)
@@ -108,20 +111,43 @@ def export_peft(model: nn.Module, directory: str | Path, name: str | None = None
     method = handle.configs[name].method
     if not type(handle.configs[name]).exports_to_peft():
         raise DeltaConfigError(f"PEFT has no equivalent of {method!r}; exportable methods: {peft_methods()}")
+    import tempfile
+
+    from lightning_delta.methods.peft_backend import _require_peft
+
+    _require_peft()  # before anything is written
+    config, tensors = _peft_config(model, name), _tensors(model, name)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _peft_config(model, name).save_pretrained(str(directory))
-    save_file(_tensors(model, name), str(directory / "adapter_model.safetensors"))
-    return directory
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".export.") as staging:
+        config.save_pretrained(staging)  # PEFT's own serialisation of its config
+        config_bytes = (Path(staging) / PEFT_CONFIG).read_bytes()
+
+    def tensor_bytes(config_digest: str) -> bytes:
+        return safetensors_bytes(tensors, metadata={"format": "pt", CONFIG_DIGEST_KEY: config_digest})
+
+    # the tensors file carries the config's digest: import_peft never pairs a config with foreign tensors
+    return write_pair(directory, PEFT_CONFIG, config_bytes, PEFT_TENSORS, tensor_bytes)
+
+
+def _config_digest(tensor_file: bytes) -> str | None:
+    """The adapter config's SHA-256 that :func:`export_peft` put in the tensors' safetensors metadata."""
+    try:
+        size = int.from_bytes(tensor_file[:8], "little")
+        header = json.loads(tensor_file[8:8 + size])
+        return (header.get("__metadata__") or {}).get(CONFIG_DIGEST_KEY)
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None  # not a safetensors header: the load below says so
 
 
 def read_peft_dir(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The adapter config and tensors of a PEFT adapter folder (safetensors only: no pickle).
 
     Raises:
-        CheckpointReadError: files missing or unreadable, or only a pickled ``adapter_model.bin``.
+        CheckpointReadError: files missing or unreadable, only a pickled ``adapter_model.bin``, or (for a
+            folder :func:`export_peft` wrote) a config and tensors from different saves.
     """
-    from safetensors.torch import load_file
+    from safetensors.torch import load as safetensors_load
 
     directory = Path(directory)
     if not (directory / PEFT_TENSORS).is_file() and (directory / "adapter_model.bin").is_file():
@@ -129,9 +155,13 @@ def read_peft_dir(directory: str | Path) -> tuple[dict[str, Any], dict[str, torc
             f"{str(directory)!r} holds a pickled adapter_model.bin, which lightning_delta does not unpickle; convert"
             " it once where you trust it: PeftModel.from_pretrained(base, dir).save_pretrained(dir,"
             " safe_serialization=True)")
+    config, tensors = read_pair(directory, PEFT_CONFIG, PEFT_TENSORS, _config_digest)
     try:
-        return json.loads((directory / PEFT_CONFIG).read_text()), load_file(str(directory / PEFT_TENSORS))
-    except (OSError, ValueError) as err:
+        settings = json.loads(config)
+        if not isinstance(settings, dict):
+            raise ValueError(f"a JSON {type(settings).__name__}, not an object")
+        return settings, safetensors_load(tensors)
+    except Exception as err:  # JSON errors, safetensors' own SafetensorError
         raise CheckpointReadError(f"{str(directory)!r} is not a readable PEFT adapter folder"
                                   f" ({PEFT_CONFIG} + {PEFT_TENSORS}): {err}") from err
 

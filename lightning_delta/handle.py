@@ -85,6 +85,10 @@ def to_configs(
         return [make_config(m) for m in method]
     overrides = dict(hparams)
     if targets is not None:
+        if isinstance(method, DeltaConfig) and method.targets is not None:
+            raise DeltaConfigError(
+                f"targets given twice: {targets!r} beside the config's own targets={method.targets!r}; name them"
+                " once, in the config (YAML: delta.method.init_args.targets)")
         overrides["targets"] = targets
     if exclude:
         overrides["exclude"] = list(normalize_patterns(exclude))

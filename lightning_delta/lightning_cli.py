@@ -1,4 +1,4 @@
-"""The ``lightning-delta`` command: LightningCLI with fit / validate / test / predict driven by YAML.
+"""``DeltaCLI``: the LightningCLI behind ``lightning-delta fit / validate / test / predict``.
 
 The delta has its own top-level section, so every hyper-parameter is typed, shown by
 ``--print_config`` and settable from the command line::
@@ -19,12 +19,17 @@ from the parameters that require grad, after the deltas exist; LightningCLI's au
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
+import lightning_delta.data  # noqa: F401  (listed under --data in the help)
+import lightning_delta.tasks  # noqa: F401  (listed under --model in the help)
 from lightning_delta.callback import DeltaCallback
+from lightning_delta.errors import DeltaConfigError
 
 
 class DeltaCLI(LightningCLI):
@@ -39,6 +44,7 @@ class DeltaCLI(LightningCLI):
         parser_kwargs.setdefault("description", "Delta tuning with Lightning: fit, validate, test, predict from YAML"
                                  " configs. Also: lightning-delta export | merge | inspect --help (delta checkpoints"
                                  " to PEFT/delta folders, merged transformers models, the model tree).")
+        parser_kwargs.setdefault("exit_on_error", False)  # lightning_delta.cli.main prints one short error
         kwargs["parser_kwargs"] = parser_kwargs
         super().__init__(*args, **kwargs)
 
@@ -46,22 +52,37 @@ class DeltaCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(DeltaCallback, "delta")
 
+    @override
+    def before_instantiate_classes(self) -> None:
+        """One place says where a delta goes: the method config's ``targets``."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        delta = config.get("delta") if config is not None else None
+        if delta is None or isinstance(delta.get("method"), str):
+            return
+        for key in ("targets", "exclude"):
+            if delta.get(key) not in (None, [], ()):
+                raise DeltaConfigError(
+                    f"delta.{key}={delta.get(key)!r}: with the method given as a config, {key} belong to it; set"
+                    f" delta.method.init_args.{key} (command line: --delta.method.init_args.{key}=...) and drop"
+                    f" delta.{key}")
 
-def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lightning-delta`` console script: LightningCLI's subcommands, and
-    ``export``, ``merge`` and ``inspect`` (:mod:`lightning_delta.commands`)."""
-    import sys
-
-    argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] in ("export", "merge", "inspect"):
-        from lightning_delta.commands import run
-
-        code = run(argv)
-        if code:
-            raise SystemExit(code)
-        return
-    DeltaCLI(args=args)
+    def after_fit(self) -> None:
+        """Says where the checkpoints are (rank 0), with the command that tests the best one."""
+        if not self.trainer.is_global_zero:
+            return
+        lines = []
+        for callback in self.trainer.checkpoint_callbacks:
+            for label, path in (("best", callback.best_model_path), ("last", callback.last_model_path)):
+                if path and Path(path).is_file():
+                    lines.append(f"  {label}: {_shown(path)}")
+        if lines:
+            lines = list(dict.fromkeys(lines))
+            print("lightning-delta fit: checkpoints (delta only)\n" + "\n".join(lines), flush=True)
 
 
-if __name__ == "__main__":
-    main()
+def _shown(path: str) -> str:
+    """``path`` relative to the working directory when it lies under it."""
+    try:
+        return os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path
+    except ValueError:  # another drive
+        return path

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import warnings
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,14 @@ def kept_keys(model: nn.Module, names: Collection[str] | None = None,
     }
 
 
+def unowned_trainable_keys(model: nn.Module) -> list[str]:
+    """Parameters that require grad but belong to no delta and no declared trainable module: a backbone
+    that was never frozen (or a parameter unfrozen by hand)."""
+    owned = delta_owners(model) + trainable_module_names(model, getattr(model, TRAINABLE_ATTR, ()))
+    return sorted(key for key, tensor in state_tensors(model).items()
+                  if isinstance(tensor, nn.Parameter) and tensor.requires_grad and not _under(key, owned))
+
+
 def check_fit(
     state_dict: Mapping[str, torch.Tensor],
     model_tensors: Mapping[str, torch.Tensor],
@@ -140,7 +149,16 @@ def check_fit(
             f"the state dict holds {len(frozen)} frozen backbone tensors (first: {frozen[:3]}): it is a full"
             " checkpoint, not a delta one. Load it with model.load_state_dict(...) instead"
         )
+    broken = [k for k in sorted(expected.intersection(state_dict))
+              if state_dict[k].is_floating_point() and not bool(torch.isfinite(state_dict[k]).all())]
+    if broken:
+        raise DeltaStateError(
+            f"the checkpoint's {broken[0]} holds NaN or infinite values ({len(broken)} such tensors, first:"
+            f" {broken[:3]}): it was saved from a run that diverged; load an earlier checkpoint")
     missing = sorted(expected.difference(state_dict))
+    if not strict and missing:
+        warnings.warn(f"strict=False: {len(missing)} delta/trainable tensors are not in the checkpoint and keep their"
+                      f" initial values: {missing[:10]}", stacklevel=3)
     if strict and missing:
         kind = " It holds backbone weights: it is a full checkpoint, not a delta one." if frozen else ""
         raise DeltaStateError(
@@ -304,8 +322,9 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
             " unpickle it. If you trust the file, read it yourself with torch.load(path, weights_only=False)"
             f" and pass the dict ({str(err).splitlines()[0]})"
         ) from err
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as err:
-        raise CheckpointReadError(f"cannot read {str(path)!r}: the file is truncated or corrupt ({err})") from err
+    except Exception as err:  # garbage makes torch's reader fail in many ways (IndexError, struct.error, ...)
+        raise CheckpointReadError(f"cannot read {str(path)!r}: the file is truncated or corrupt"
+                                  f" ({type(err).__name__}: {err})") from err
     if not isinstance(data, dict):
         raise CheckpointReadError(f"{str(path)!r} holds a {type(data).__name__}, not a checkpoint dict")
     return data

@@ -156,6 +156,12 @@ def normalize_patterns(patterns: str | Iterable[str] | None) -> tuple[str, ...]:
     for p in result:
         if not isinstance(p, str) or not p:
             raise TargetError(f"target patterns must be non-empty strings, got {p!r} in {list(result)!r}")
+        if p.startswith(REGEX_PREFIX):
+            try:
+                re.compile(p[len(REGEX_PREFIX):])
+            except re.error as err:
+                raise TargetError(f"target pattern {p!r} is not a valid regular expression ({err}); e.g."
+                                  r" 're:.*layer\.\d+\.output\.dense'") from err
     return result
 
 

@@ -140,7 +140,7 @@ def test_load_delta_into_a_fresh_module_gives_the_trained_outputs(source, traine
     module, path = trained
     ids = loader().dataset.tensors[0]
     fresh = Classifier(source).eval()
-    handle = load_delta(fresh, path)
+    handle = DeltaModel(load_delta(fresh, path))
     assert set(handle.configs) == {"lora"}
     torch.testing.assert_close(fresh(ids), module(ids))
 

@@ -57,7 +57,7 @@ def test_quickstart_fit_trains_the_delta_and_writes_a_delta_checkpoint(tmp_path)
     run = ["fit", "--config", QUICKSTART, f"--trainer.default_root_dir={tmp_path}", *SHORT,
            "--data.init_args.num_train=96", "--data.init_args.num_val=32"]
     main(run)
-    (ckpt_path,) = tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt")
+    (ckpt_path,) = tmp_path.glob("lightning_logs/version_0/checkpoints/best-*.ckpt")
     ckpt = torch.load(ckpt_path, weights_only=True)
     keys = set(ckpt["state_dict"])
     assert keys and all(".lora." in k or ".classifier." in k for k in keys)

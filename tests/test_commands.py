@@ -23,7 +23,7 @@ def fit(tmp_path, *extra) -> Path:
           "--trainer.enable_progress_bar=false", "--trainer.logger=false", f"--model.init_args.model={model}",
           "--model.init_args.learning_rate=0.05", "--data.init_args.num_train=96", "--data.init_args.num_val=32",
           *extra])
-    (ckpt,) = (tmp_path / "run").rglob("*.ckpt")
+    (ckpt,) = (tmp_path / "run").rglob("best-*.ckpt")
     return ckpt
 
 

@@ -171,8 +171,8 @@ def test_load_delta_reads_peft_folders_into_a_module_holding_the_backbone(tmp_pa
     trained.save_pretrained(str(tmp_path))
     holder = torch.nn.Module()
     holder.model = copy.deepcopy(base)
-    handle = load_delta(holder, tmp_path, module="model")
-    assert handle.model is holder.model and list(handle.configs) == ["lora"]
+    handle = DeltaModel(load_delta(holder, tmp_path, module="model"))
+    assert handle.model is holder and list(DeltaModel(holder.model).configs) == ["lora"]
     inputs = family_inputs("bert")
     torch.testing.assert_close(holder.model(**inputs).logits, trained.eval()(**inputs).logits, rtol=1e-5, atol=1e-5)
 

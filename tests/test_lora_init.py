@@ -185,7 +185,7 @@ def test_save_fresh_backbone_load_round_trip(tmp_path, init):
     fresh = copy.deepcopy(base)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fingerprint warning
-        loaded = load_delta(fresh, tmp_path / "delta")
+        loaded = DeltaModel(load_delta(fresh, tmp_path / "delta"))
     assert torch.equal(logits(fresh), expected)
     for key, value in model.state_dict().items():  # residual weights recomputed identically
         assert torch.equal(fresh.state_dict()[key], value), key

@@ -61,7 +61,7 @@ def test_callback_trains_checkpoints_only_the_adapter_and_reloads(tmp_path):
 
 def test_missing_peft_says_how_to_install(monkeypatch):
     monkeypatch.setattr(peft_backend.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(DeltaConfigError, match="pip install peft"):
+    with pytest.raises(DeltaConfigError, match=r"pip install \"lightning-delta\[peft\]\""):
         attach(tiny_bert(), peft_config=peft.LoraConfig(r=2, target_modules=["query"]))
 
 

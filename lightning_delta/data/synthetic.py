@@ -27,24 +27,41 @@ NEGATIVE = (
     "awful", "terrible", "boring", "dreadful", "disappointing", "mediocre", "painful", "dull", "horrible",
     "annoying", "bland", "tedious", "poor", "frustrating", "messy", "forgettable",
 )
-TEMPLATES = (
+#: Each clause kind, its templates, and how the label follows from the adjectives: a plain opinion
+#: (the adjective's polarity), a negated one (the opposite), and a turn of opinion (the last clause
+#: decides; the first says the opposite). Words alone do not tell the label: a frozen sentence
+#: embedding with a linear head trails a tuned encoder on this set (see the README's quickstart figures).
+PLAIN = (
     "{s} was {a}.", "I found {s} {a}.", "Honestly, {s} is {a} and {b}.", "In my opinion {s} felt {a}.",
     "{S} turned out {a}, really {b}.", "Everyone agreed that {s} was {a}.", "{S}? Simply {a}.",
-    "We thought {s} was quite {a}.",
+)
+NEGATED = (
+    "{s} was not {a}.", "I did not find {s} {a} at all.", "{S} was never {a}.", "Nobody thought {s} was {a}.",
+    "{S} is not {a}, not {b} either.", "{S}? Far from {a}.",
+)
+TURN = (
+    "I expected {s} to be {x}, but it was {a}.", "{S} looked {x} at first, then it was {a}.",
+    "They said {s} would be {x}; it was {a}.", "{S} started {x} but ended up {a}.",
 )
 LABEL_NAMES = ("negative", "positive")
 
 
 def synthetic_sentiment(n: int, seed: int) -> list[tuple[str, int]]:
-    """``n`` (sentence, label) pairs, balanced, reproducible for a given ``seed``; label 1 is positive."""
+    """``n`` (sentence, label) pairs, balanced, reproducible for a given ``seed``; label 1 is positive.
+
+    A third of the sentences are plain opinions, a third negate the adjective, a third turn from one
+    opinion to the other, so the label depends on how the words are put together.
+    """
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         label = i % 2
-        words = POSITIVE if label else NEGATIVE
+        kind = (PLAIN, NEGATED, TURN)[rng.randrange(3)]
+        said = label if kind is not NEGATED else 1 - label  # the polarity of the adjectives used
+        a, b = rng.sample(POSITIVE if said else NEGATIVE, 2)
+        x = rng.choice(NEGATIVE if said else POSITIVE)  # the opinion a turn starts from
         subject = rng.choice(SUBJECTS)
-        a, b = rng.sample(words, 2)
-        text = rng.choice(TEMPLATES).format(s=subject, S=subject.capitalize(), a=a, b=b)
+        text = rng.choice(kind).format(s=subject, S=subject.capitalize(), a=a, b=b, x=x)
         rows.append((text, label))
     rng.shuffle(rows)
     return rows

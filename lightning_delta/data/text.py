@@ -48,7 +48,9 @@ class _TokenizedData(pl.LightningDataModule):
     def load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.tokenizer_source())
+        from lightning_delta.hf_compat import load_pretrained
+
+        return load_pretrained(AutoTokenizer, self.tokenizer_source())
 
     def load(self) -> dict[str, Any]:
         loaded = load_splits(self.dataset, self.dataset_config, self.data_files)

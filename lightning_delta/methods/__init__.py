@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,16 +46,20 @@ def make_config(method: str | DeltaConfig, **kwargs: Any) -> DeltaConfig:
     if isinstance(method, DeltaConfig):
         return dataclasses.replace(method, **kwargs) if kwargs else method
     if not isinstance(method, str) or method.lower() not in METHODS:
+        close = difflib.get_close_matches(str(method).lower(), METHODS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
         raise DeltaConfigError(
-            f"unknown delta method {method!r}; known methods: {', '.join(sorted(METHODS))}, or a config such as"
-            " LoraConfig(r=8) (YAML: {class_path: lightning_delta.LoraConfig, init_args: {r: 8}})"
+            f"unknown delta method {method!r}; {hint}known methods: {', '.join(sorted(METHODS))}, or a config such"
+            " as LoraConfig(r=8) (YAML: {class_path: lightning_delta.LoraConfig, init_args: {r: 8}})"
         )
     cls = METHODS[method.lower()]
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(kwargs) - known)
     if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise DeltaConfigError(
-            f"{cls.method} has no hyper-parameter {', '.join(map(repr, unknown))};"
+            f"{cls.method} has no hyper-parameter {', '.join(map(repr, unknown))}{hint};"
             f" valid ones: {', '.join(sorted(known))}"
         )
     return cls(**kwargs)

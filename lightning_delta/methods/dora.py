@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_delta.core import as_shape
 from lightning_delta.methods.lora import LoraConfig, LoRALinear
 from lightning_delta.quantize import is_quantized
 from lightning_delta.targets import is_linear_like
@@ -54,7 +55,8 @@ class DoRA(LoRALinear):
 
     def load_peft_state(self, parts, shared):
         magnitude = parts.get("lora_magnitude_vector", parts.get("lora_magnitude_vector.weight"))
-        return {**super().load_peft_state(parts, shared), "magnitude": magnitude.reshape(self.magnitude.shape)}
+        return {**super().load_peft_state(parts, shared),
+                "magnitude": as_shape(magnitude, self.magnitude.shape, "lora_magnitude_vector")}
 
     def peft_state(self, prefix: str) -> dict[str, torch.Tensor]:
         return {**super().peft_state(prefix), f"{prefix}.lora_magnitude_vector": self.magnitude.detach()}

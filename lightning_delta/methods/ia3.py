@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_delta.core import Delta, DeltaConfig
+from lightning_delta.core import Delta, DeltaConfig, as_shape
 from lightning_delta.targets import (
     FFN_OUTPUT_PRESETS,
     KEY_VALUE_PRESETS,
@@ -111,7 +111,7 @@ class IA3(Delta):
         return (x * self._factor(x), *args[1:]), kwargs
 
     def load_peft_state(self, parts, shared):
-        return {"scale": parts["ia3_l"].reshape(self.scale.shape)}
+        return {"scale": as_shape(parts.get("ia3_l"), self.scale.shape, "ia3_l")}
 
     def peft_state(self, prefix: str) -> dict[str, torch.Tensor]:
         scale = self.scale.detach()

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_delta.core import Delta, DeltaConfig, fill_, kaiming_
+from lightning_delta.core import Delta, DeltaConfig, as_shape, fill_, kaiming_
 from lightning_delta.errors import UnsupportedModuleError
 from lightning_delta.methods.fused_lora import lora_branch
 from lightning_delta.quantize import is_quantized
@@ -167,7 +167,7 @@ class LoRA(Delta):
     def load_peft_state(self, parts, shared):
         a, b = ("lora_embedding_A", "lora_embedding_B") if isinstance(self, LoRAEmbedding) else \
             ("lora_A.weight", "lora_B.weight")
-        return {"A": parts[a].reshape(self.A.shape), "B": parts[b].reshape(self.B.shape)}
+        return {"A": as_shape(parts.get(a), self.A.shape, a), "B": as_shape(parts.get(b), self.B.shape, b)}
 
     def add(self, output: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         """``output + update``; in a mixed batch only on the rows that select this delta."""

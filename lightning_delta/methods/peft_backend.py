@@ -26,10 +26,14 @@ from lightning_delta.errors import DeltaConfigError
 
 
 def _require_peft() -> Any:
+    missing = DeltaConfigError("this needs the PEFT library, which is not installed:"
+                               ' pip install "lightning-delta[peft]"')
     if importlib.util.find_spec("peft") is None:
-        raise DeltaConfigError("peft_config needs the PEFT library: pip install peft (or lightning-delta[peft])")
-    import peft
-
+        raise missing
+    try:
+        import peft
+    except ImportError as err:
+        raise missing from err
     return peft
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import lightning.pytorch as pl
@@ -85,7 +86,9 @@ class DeltaTask(pl.LightningModule):
         returns eval mode; Lightning switches modes per stage from there)."""
         import transformers
 
-        return getattr(transformers, auto_class).from_pretrained(self.source, **kwargs).train()
+        from lightning_delta.hf_compat import load_pretrained
+
+        return load_pretrained(getattr(transformers, auto_class), self.source, **kwargs).train()
 
     @override
     def configure_optimizers(self) -> Any:
@@ -120,6 +123,22 @@ class DeltaTask(pl.LightningModule):
                     " lightning_delta.distributed.tensor_parallel(self, self.device_mesh['tensor_parallel'], plan)"
                     " (see the README's 'Tensor parallelism'), or use tensor_parallel_size=1")
             shard(self, strategy.device_mesh["data_parallel"])
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None,
+                             strict: bool | None = None, weights_only: bool = True, **kwargs: Any) -> Any:
+        """Lightning's ``load_from_checkpoint``, reading with ``torch.load(weights_only=True)`` whatever torch's
+        default or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` say: a delta checkpoint holds tensors and plain data only.
+
+        Raises:
+            CheckpointReadError: a missing, torn or non-checkpoint file, or one that needs unpickling.
+        """
+        from lightning_delta.state import read_checkpoint
+
+        if weights_only and isinstance(checkpoint_path, (str, os.PathLike)):
+            read_checkpoint(checkpoint_path)  # the library's own checks and errors, before Lightning reads it
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
+                                            strict=strict, weights_only=weights_only, **kwargs)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
