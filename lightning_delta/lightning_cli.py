@@ -1,15 +1,5 @@
-"""``DeltaCLI``: the LightningCLI behind ``lightning-delta fit / validate / test / predict``.
-
-The delta has its own top-level section, so every hyper-parameter is typed, shown by
-``--print_config`` and settable from the command line::
-
-    delta:
-      method:
-        class_path: lightning_delta.LoraConfig
-        init_args: {r: 8, alpha: 16, targets: [query, value]}
-      trainable: [classifier]
-
-    lightning-delta fit --config configs/quickstart.yaml --delta.method.init_args.r=4
+"""``DeltaCLI``: the LightningCLI behind ``lightning-delta fit / validate / test / predict``, with a
+top-level ``delta:`` section (a :class:`DeltaCallback`; see :mod:`lightning_delta.cli` for the YAML).
 
 Model and data are any LightningModule / LightningDataModule named by ``class_path``.
 The tasks in :mod:`lightning_delta.tasks` build their optimizer in ``configure_optimizers``
@@ -49,8 +39,10 @@ class DeltaCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     @override
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # the delta section first: `fit --help` shows it before Lightning's ~400 lines of trainer options
         parser.add_lightning_class_args(DeltaCallback, "delta")
+        super().add_core_arguments_to_parser(parser)
 
     @override
     def before_instantiate_classes(self) -> None:

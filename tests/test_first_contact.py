@@ -167,7 +167,7 @@ def test_fit_prints_the_best_and_last_checkpoint_paths(tmp_path, tiny_bert_dir):
                  f"--trainer.default_root_dir={tmp_path}")
     assert tested.returncode == 0, tested.stderr[-3000:]
     # 6. noise: no loading report of a head the checkpoint restores, no Lightning internals
-    for noise in ("newly initialized", "MISSING", "LeafSpec"):
+    for noise in ("newly initialized", "MISSING", "LeafSpec", "Map:"):
         assert noise not in tested.stdout + tested.stderr
         assert noise not in done.stdout + done.stderr
 
@@ -196,6 +196,10 @@ def test_fit_help_lists_methods_and_ready_tasks_but_no_internal_bases():
     for internal in ("lightning_delta.DeltaConfig,", "WholeModelConfig", "VirtualTokensConfig"):
         assert internal not in done.stdout
     assert "lightning_delta.LoraConfig" in done.stdout and "lightning_delta.tasks.SequenceClassification" in done.stdout
+    lines = done.stdout.splitlines()
+    delta = next(i for i, line in enumerate(lines) if line.strip().startswith("--delta CONFIG"))
+    trainer = next(i for i, line in enumerate(lines) if line.strip().startswith("--trainer CONFIG"))
+    assert delta < trainer < len(lines), "the delta section comes before Lightning's trainer options"
 
 
 def test_unknown_command_is_named():

@@ -15,6 +15,20 @@ from lightning_delta.tasks.sources import resolve_source
 SPLITS = ("train", "validation", "test")
 
 
+
+def encode_splits(splits: dict[str, Any], encode: Any) -> dict[str, Any]:
+    """``encode`` mapped over each split in batches, without a progress bar per split (tokenizing a few
+    thousand rows takes a second; the bars were most of a run's output)."""
+    import datasets
+
+    quiet = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        return {s: ds.map(encode, batched=True, remove_columns=ds.column_names) for s, ds in splits.items()}
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
+
 class _TokenizedData(pl.LightningDataModule):
     """Shared parts: sources, tokenizer (the model's by default), splits and loaders."""
 
@@ -159,7 +173,7 @@ class TextClassificationData(_TokenizedData):
             encoded = tokenizer(rows[text], rows[pair] if pair else None, truncation=True, max_length=max_length)
             return {**encoded, "labels": [index[v] for v in rows[label]] if index else rows[label]}
 
-        self.splits = {s: ds.map(encode, batched=True, remove_columns=ds.column_names) for s, ds in splits.items()}
+        self.splits = encode_splits(splits, encode)
         self.collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
 
 
@@ -213,7 +227,7 @@ class TextData(_TokenizedData):
             targets = rows[target] if target else None
             return dict(tokenizer(rows[text], text_target=targets, truncation=True, max_length=max_length))
 
-        self.splits = {s: ds.map(encode, batched=True, remove_columns=ds.column_names) for s, ds in splits.items()}
+        self.splits = encode_splits(splits, encode)
         if target:
             self.collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
         else:
