@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_delta.checkpoint_io import AtomicCheckpointIO, check_finite
+from lightning_delta.checkpoint_io import AtomicCheckpointIO
 from lightning_delta.checkpointing import enable_checkpointing
 from lightning_delta.checkpoint import META_KEY, DeltaCheckpointHooks, checkpoint_metadata, spec_differences
 from lightning_delta.core import DeltaConfig, detach_delta
@@ -27,7 +27,7 @@ from lightning_delta.errors import DeltaConfigError, DeltaStateError, NonFiniteE
 from lightning_delta.handle import DeltaModel, ensure_attached, to_configs
 from lightning_delta.methods.adalora import RankAllocator
 from lightning_delta.precision import KeepDeltasThroughLayerSwap, KeepTrainableFp32
-from lightning_delta.state import TRAINABLE_ATTR, compare_fingerprint, trainable_module_names
+from lightning_delta.state import TRAINABLE_ATTR, compare_fingerprint, non_finite_keys, trainable_module_names
 from lightning_delta.targets import normalize_patterns
 
 try:  # let LightningCLI / jsonargparse accept `class_path: lightning_delta.LoraConfig` for a DeltaConfig
@@ -125,7 +125,7 @@ class DeltaCallback(Callback):
         self._checkpointing = every_n_layers if gradient_checkpointing else 0
         self._active = None if active is None else list(normalize_patterns(active))
         self._check_finite = check_finite
-        self._delta_parameters: list | None = None  # what check_finite watches, found at the first step
+        self._trained: list | None = None  # what check_finite watches, found at the first optimizer step
         self._allocators: dict[str, RankAllocator] = {}
         self._allocator_state: dict[str, Any] = {}
         self._last_step = -1
@@ -234,7 +234,7 @@ class DeltaCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._delta_parameters = None
+        self._trained = None
         backbone = pl_module.get_submodule(self.backbone_path(pl_module))
         self._allocators = {}
         for name, config in DeltaModel(backbone).configs.items():
@@ -270,39 +270,49 @@ class DeltaCallback(Callback):
             allocator.add_orth_reg_grad(factor)
 
     @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        """A NaN/inf loss stops training before its backward pass and optimizer step (every rank at once)."""
+        if self._check_finite and self._any_rank(trainer, not bool(torch.isfinite(loss.detach()).all())):
+            raise NonFiniteError(
+                f"the training loss is {loss.item()} at step {trainer.global_step} (epoch {trainer.current_epoch}, on"
+                " this or another rank): training stopped before the backward pass, so no delta or checkpoint took"
+                " it. Lower the learning rate, check the data for empty or extreme rows, or clip gradients"
+                " (Trainer(gradient_clip_val=1.0)); DeltaCallback(check_finite=False) turns this check off")
+
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        """AdaLoRA's importance update and reallocation, once per optimizer step: after ``optimizer.step()``,
-        before the next ``zero_grad()`` (Lightning clears gradients inside the next step's closure)."""
-        if self._check_finite:
-            self._stop_if_not_finite(trainer, pl_module, outputs)
-        if not self._allocators or trainer.global_step == self._last_step:
-            return  # no allocator, or an accumulating batch without an optimizer step
+        """After an optimizer step: the trained tensors are checked, then AdaLoRA's importance update and
+        reallocation run (after ``optimizer.step()``, before the next ``zero_grad()``, which Lightning
+        calls inside the next step's closure)."""
+        if trainer.global_step == self._last_step:
+            return  # an accumulating batch: no optimizer step, nothing changed
         self._last_step = trainer.global_step
+        if self._check_finite:
+            self._stop_if_not_finite(trainer, pl_module)
         for allocator in self._allocators.values():
             allocator.update_and_allocate(trainer.global_step)
 
-    def _stop_if_not_finite(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        where = f"step {trainer.global_step} (epoch {trainer.current_epoch})"
-        if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss.detach()).all()):
+    @staticmethod
+    def _any_rank(trainer: pl.Trainer, flag: bool) -> bool:
+        if trainer.world_size > 1:
+            return bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
+        return flag
+
+    def _stop_if_not_finite(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """One fused reduction over every trained tensor (its local shard, when sharded) per optimizer step."""
+        if self._trained is None:
+            self._trained = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        local = [(n, t) for n, t in ((n, _local_shard(p)) for n, p in self._trained) if t.numel()]
+        norms = torch._foreach_norm([t for _, t in local], float("inf")) if local else []
+        bad = bool(norms) and not bool(torch.stack([n.float() for n in norms]).isfinite().all())
+        if self._any_rank(trainer, bad):
+            name = next((n for (n, _), norm in zip(local, norms) if not bool(norm.isfinite())), "on another rank")
             raise NonFiniteError(
-                f"the training loss is {loss.item()} at {where}: training stopped before any delta or checkpoint"
-                " took it. Lower the learning rate, check the data for empty or extreme rows, or clip gradients"
-                " (Trainer(gradient_clip_val=1.0)); DeltaCallback(check_finite=False) turns this check off")
-        if self._delta_parameters is None:
-            backbone = pl_module.get_submodule(self.backbone_path(pl_module))
-            self._delta_parameters = DeltaModel(backbone).delta_parameters()
-        # local shards of sharded (DTensor) deltas: no collective per step
-        finite = [torch.isfinite(getattr(p, "_local_tensor", p).detach()).all() for p in self._delta_parameters]
-        if finite and not bool(torch.stack(finite).all()):
-            name = next((n for n, p in pl_module.named_parameters()
-                         if p.requires_grad and not bool(torch.isfinite(getattr(p, "_local_tensor", p)).all())),
-                        "a delta tensor")
-            raise NonFiniteError(
-                f"{name} became NaN or infinite after the optimizer step at {where}: training stopped and no"
-                " checkpoint was written with it. Lower the learning rate or clip gradients"
-                " (Trainer(gradient_clip_val=1.0)); DeltaCallback(check_finite=False) turns this check off")
+                f"{name} became NaN or infinite after the optimizer step at step {trainer.global_step} (epoch"
+                f" {trainer.current_epoch}): training stopped and no checkpoint was written with it. Lower the"
+                " learning rate or clip gradients (Trainer(gradient_clip_val=1.0));"
+                " DeltaCallback(check_finite=False) turns this check off")
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -314,8 +324,10 @@ class DeltaCallback(Callback):
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        if self._check_finite:
-            check_finite(checkpoint.get("state_dict", {}), f"checkpoint at step {trainer.global_step}")
+        broken = non_finite_keys(checkpoint.get("state_dict", {})) if self._check_finite else []
+        if broken:
+            raise NonFiniteError(f"the checkpoint at step {trainer.global_step} would hold NaN or infinite values in"
+                                 f" {broken[:3]}: nothing was written; the previous checkpoint is kept")
         checkpoint[META_KEY] = checkpoint_metadata(pl_module, self.backbone_path(pl_module))
 
     @override
@@ -333,3 +345,10 @@ class DeltaCallback(Callback):
         for note in compare_fingerprint(meta["fingerprint"], backbone):
             rank_zero_warn(note)
 
+
+def _local_shard(p: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of ``p``: a DTensor's local shard, a ZeRO-3 parameter's partition, else ``p``."""
+    local = getattr(p, "_local_tensor", None)
+    if local is None:
+        local = getattr(p, "ds_tensor", None)
+    return (p if local is None else local).detach()

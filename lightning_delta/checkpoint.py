@@ -19,7 +19,7 @@ from torch import nn
 
 from lightning_delta import __version__
 from lightning_delta.core import DeltaConfig, detach_delta
-from lightning_delta.errors import CheckpointReadError, DeltaStateError
+from lightning_delta.errors import CheckpointReadError, DeltaStateError, NonFiniteError
 from lightning_delta.files import read_pair, write_pair
 from lightning_delta.handle import DeltaModel, ensure_attached
 from lightning_delta.methods import config_from_dict
@@ -31,6 +31,7 @@ from lightning_delta.state import (
     fingerprint,
     kept_keys,
     load_into,
+    non_finite_keys,
     read_checkpoint,
     state_tensors,
     unowned_trainable_keys,
@@ -200,10 +201,10 @@ def save_delta(model: nn.Module, directory: str | Path, names: str | Iterable[st
                 " is not frozen, so save_delta would not know what belongs to the delta. Call"
                 " DeltaModel(model).freeze_backbone(trainable=[...]) first, naming the modules trained whole")
     tensors = {k: t.detach().contiguous().cpu() for k, t in state_tensors(model).items() if k in keys}
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise DeltaStateError(f"{key} holds NaN or infinite values: refusing to save it (the previous save, if"
-                                  " any, is kept)")
+    broken = non_finite_keys(tensors)
+    if broken:
+        raise NonFiniteError(f"{broken[0]} holds NaN or infinite values ({len(broken)} such tensors): refusing to"
+                             " save them; the previous save, if any, is kept")
     payload = safetensors_bytes(tensors, metadata={"format": "lightning_delta"})
     record = checkpoint_metadata(model, "", chosen)
 
@@ -247,7 +248,7 @@ def read_delta_dir(directory: str | Path) -> dict[str, Any]:
 
 
 def load_delta(
-    model: nn.Module,
+    model: M,
     checkpoint: str | Path | Mapping[str, Any],
     *,
     strict: bool = True,

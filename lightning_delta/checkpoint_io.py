@@ -1,4 +1,4 @@
-"""Lightning checkpoints written atomically in their own folder, and never with non-finite tensors.
+"""Lightning checkpoints written atomically in their own folder.
 
 Lightning's ``TorchCheckpointIO`` writes through an fsspec transaction whose temporary file lies in
 ``$TMPDIR``; when the checkpoint folder is on another filesystem, the final move is a copy, and a
@@ -18,16 +18,8 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
-from lightning_delta.errors import NonFiniteError
 from lightning_delta.files import write_file
 from lightning_delta.state import read_checkpoint
-
-
-def check_finite(state: dict[str, Any], what: str) -> None:
-    """Raises :class:`NonFiniteError` naming the first floating tensor of ``state`` holding NaN or inf."""
-    for key, tensor in state.items():
-        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise NonFiniteError(f"{what}: {key!r} holds NaN or infinite values; nothing was written")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -35,9 +27,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        check_finite(checkpoint.get("state_dict", {}), f"checkpoint {str(path)!r}")
+        if storage_options is not None or "://" in str(path):  # remote storage: fsspec's own semantics
+            return super().save_checkpoint(checkpoint, path, storage_options=storage_options)
         write_file(path, lambda f: torch.save(checkpoint, f))
 
     @override

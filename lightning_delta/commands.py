@@ -110,10 +110,11 @@ def _inspect_model(args: argparse.Namespace) -> nn.Module:
         from lightning_delta.callback import DeltaCallback
         from lightning_delta.cli import DeltaCLI, switch_method
 
-        from unittest import mock
-
-        with mock.patch.object(sys, "argv", sys.argv[:1]):  # arguments come from args alone: no "both" warning
+        argv, sys.argv = sys.argv, sys.argv[:1]  # arguments come from args alone: no "args and argv" warning
+        try:
             cli = DeltaCLI(args=["--config", args.config, *switch_method(args.overrides)], run=False)
+        finally:
+            sys.argv = argv
         (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, DeltaCallback)]
         if not callback._backbone_exists(cli.model):
             cli.model.configure_model()

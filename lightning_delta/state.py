@@ -109,6 +109,17 @@ def unowned_trainable_keys(model: nn.Module) -> list[str]:
                   if isinstance(tensor, nn.Parameter) and tensor.requires_grad and not _under(key, owned))
 
 
+def non_finite_keys(state: Mapping[str, Any]) -> list[str]:
+    """Keys of the floating-point tensors in ``state`` that hold NaN or inf (local shards of sharded ones)."""
+    bad = []
+    for key, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            local = getattr(tensor, "_local_tensor", tensor)  # a DTensor's shard: no collective
+            if not bool(torch.isfinite(local).all()):
+                bad.append(key)
+    return bad
+
+
 def check_fit(
     state_dict: Mapping[str, torch.Tensor],
     model_tensors: Mapping[str, torch.Tensor],
@@ -149,8 +160,7 @@ def check_fit(
             f"the state dict holds {len(frozen)} frozen backbone tensors (first: {frozen[:3]}): it is a full"
             " checkpoint, not a delta one. Load it with model.load_state_dict(...) instead"
         )
-    broken = [k for k in sorted(expected.intersection(state_dict))
-              if state_dict[k].is_floating_point() and not bool(torch.isfinite(state_dict[k]).all())]
+    broken = non_finite_keys({k: state_dict[k] for k in sorted(expected.intersection(state_dict))})
     if broken:
         raise DeltaStateError(
             f"the checkpoint's {broken[0]} holds NaN or infinite values ({len(broken)} such tensors, first:"

@@ -23,6 +23,7 @@ from lightning_delta import (
     DeltaModel,
     DeltaStateError,
     LoraConfig,
+    NonFiniteError,
     TargetError,
     attach,
     export_peft,
@@ -296,7 +297,7 @@ CASES = [
     ("callback trainable matching nothing", lambda m, r: DeltaCallback("bitfit", trainable=["nomatch"]).attach(
         torch.nn.ModuleDict({"model": m})), TargetError, ["'nomatch'"]),
     # saves that must refuse and keep the previous folder
-    ("save with a NaN delta", save_into("good", nan_delta), DeltaStateError, ["lora", "NaN"]),
+    ("save with a NaN delta", save_into("good", nan_delta), NonFiniteError, ["lora", "NaN"]),
     ("save of a backbone never frozen", save_into("good", unfreeze), DeltaStateError, ["freeze_backbone", "grad"]),
 ]
 
@@ -365,3 +366,66 @@ def test_merge_onto_an_existing_file_fails_and_leaves_it(tmp_path, capsys):
         main(["merge", "--ckpt", str(ckpt), "--out", str(target)])
     assert exit_.value.code == 2 and str(target) in capsys.readouterr().err
     assert target.read_bytes() == b"keep me"
+
+
+def test_first_save_stopped_between_its_renames_reads_back(tmp_path):
+    """No delta.json yet, only the pending delta.json.new beside the tensors it names."""
+    model = lora_model()
+    save_delta(model, tmp_path / "d")
+    (tmp_path / "d" / "delta.json").rename(tmp_path / "d" / "delta.json.new")
+    loaded = load_delta(tiny_bert().eval(), tmp_path / "d")
+    assert all(torch.equal(a, b) for a, b in zip(DeltaModel(loaded).delta_parameters(),
+                                                 DeltaModel(model).delta_parameters(), strict=True))
+
+
+def test_a_record_without_digest_overwritten_mid_save_reads_as_the_new_version(tmp_path):
+    """A folder from before digests (or PEFT's own), re-saved and stopped between the renames."""
+    first, second = lora_model(), lora_model(seed=1)
+    save_delta(first, tmp_path / "d")
+    old = json.loads((tmp_path / "d" / "delta.json").read_text())
+    old.pop("tensors_sha256")
+    save_delta(second, tmp_path / "d")
+    (tmp_path / "d" / "delta.json").rename(tmp_path / "d" / "delta.json.new")
+    (tmp_path / "d" / "delta.json").write_text(json.dumps(old))
+    loaded = load_delta(tiny_bert().eval(), tmp_path / "d")
+    assert all(torch.equal(a, b) for a, b in zip(DeltaModel(loaded).delta_parameters(),
+                                                 DeltaModel(second).delta_parameters(), strict=True))
+
+
+def fit_until_nan(tmp_path, root, when: str, check_finite: bool = True):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_helpers import Classifier, loader
+
+    class Diverging(Classifier):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("nan") if when == "loss" and self.global_step >= 3 else loss
+
+        def optimizer_step(self, *args, **kwargs):
+            super().optimizer_step(*args, **kwargs)
+            if when == "delta" and self.global_step >= 3:
+                with torch.no_grad():
+                    DeltaModel(self.model).delta_parameters()[0].fill_(float("inf"))
+
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
+    trainer = pl.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[DeltaCallback("lora", r=2, check_finite=check_finite), checkpoints],
+                         default_root_dir=tmp_path)
+    trainer.fit(Diverging(str(root / "pretrained")), loader(n=8, batch_size=2))
+    return tmp_path / "ckpt" / "last.ckpt"
+
+
+@pytest.mark.parametrize("when", ["loss", "delta"])
+def test_a_non_finite_loss_or_delta_stops_training_and_keeps_the_last_good_checkpoint(root, tmp_path, when):
+    with pytest.raises(NonFiniteError, match="step 3" if when == "loss" else r"lora\.[AB].*step 4") as raised:
+        fit_until_nan(tmp_path, root, when)
+    assert "check_finite=False" in str(raised.value)
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 3
+    assert all(bool(torch.isfinite(t).all()) for t in last["state_dict"].values())
+
+
+def test_check_finite_false_lets_a_nan_loss_through(root, tmp_path):
+    fit_until_nan(tmp_path, root, "loss", check_finite=False)  # no NonFiniteError: the user opted out

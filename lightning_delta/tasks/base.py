@@ -135,7 +135,7 @@ class DeltaTask(pl.LightningModule):
         """
         from lightning_delta.state import read_checkpoint
 
-        if weights_only and isinstance(checkpoint_path, (str, os.PathLike)):
+        if weights_only and isinstance(checkpoint_path, (str, os.PathLike)) and "://" not in str(checkpoint_path):
             read_checkpoint(checkpoint_path)  # the library's own checks and errors, before Lightning reads it
         return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
                                             strict=strict, weights_only=weights_only, **kwargs)
