@@ -48,29 +48,34 @@ def test_every_torn_prefix_of_a_checkpoint_is_refused(killed_and_resumed, tmp_pa
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
-    """Lightning writes through an fsspec transaction: a temporary file renamed on success."""
-    from fsspec.implementations.local import LocalFileOpener
+    """Under DeltaCallback, checkpoints are written to a temporary file beside the target, renamed on success."""
+    import io
 
     from lightning_delta import DeltaCallback
+    from lightning_delta.checkpoint_io import AtomicCheckpointIO
     from lightning_helpers import loader, trainer
 
     module = Classifier(save_pretrained_bert(tmp_path / "bert"))
     t = trainer(tmp_path, [DeltaCallback("lora", r=4)], max_steps=2)
     t.fit(module, loader())
+    assert isinstance(t.strategy.checkpoint_io, AtomicCheckpointIO)
     path = tmp_path / "last.ckpt"
     t.save_checkpoint(path)
     before = path.read_bytes()
     with torch.no_grad():
         module.model.bert.encoder.layer[0].attention.self.query.lora.B.add_(1.0)
 
-    real_write = LocalFileOpener.write
+    real_save = torch.save
 
-    def torn_write(self, data):
-        real_write(self, data[: len(data) // 2])
+    def torn_save(obj, f, *args, **kwargs):
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        f.write(buffer.getvalue()[: buffer.tell() // 2])
         raise OSError("disk vanished mid-write")
 
-    monkeypatch.setattr(LocalFileOpener, "write", torn_write)
+    monkeypatch.setattr(torch, "save", torn_save)
     with pytest.raises(OSError, match="mid-write"):
         t.save_checkpoint(path)
     assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".ckpt", ".tmp")) == ["last.ckpt"]
     load_delta(Classifier(str(tmp_path / "bert")), path)
