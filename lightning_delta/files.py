@@ -149,12 +149,16 @@ def read_pair(folder: str | Path, payload_name: str, record_name: str,
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointReadError(f"{str(folder)!r} is not a folder ({payload_name} + {record_name})")
-    with folder_lock(folder, shared=True):
+
+    def read(name: str) -> bytes:
         try:
-            payload = (folder / payload_name).read_bytes()
+            return (folder / name).read_bytes()
         except OSError as err:
             raise CheckpointReadError(f"{str(folder)!r} is not a readable folder ({payload_name} + {record_name}):"
                                       f" {err}") from err
+
+    with folder_lock(folder, shared=True):
+        payload = read(payload_name)
         actual = sha256(payload)
         try:
             pending = (folder / (record_name + NEW_SUFFIX)).read_bytes()
@@ -167,11 +171,7 @@ def read_pair(folder: str | Path, payload_name: str, record_name: str,
                 matches = False
             if matches:
                 return payload, pending
-        try:
-            record = (folder / record_name).read_bytes()
-        except OSError as err:
-            raise CheckpointReadError(f"{str(folder)!r} is not a readable folder ({payload_name} + {record_name}):"
-                                      f" {err}") from err
+        record = read(record_name)
     expected = recorded_digest(record)
     if expected is None or expected == actual:
         return payload, record
