@@ -158,8 +158,15 @@ def _cause(err: BaseException) -> BaseException:
     own = next((e for e in chain if isinstance(e, DeltaError)), None)
     if own is not None:
         return own
-    if "Does not validate against" in str(err) and err.__cause__ is not None:
-        return err.__cause__
+    text = str(err)
+    if "Does not validate against" in text:  # jsonargparse tried each type of a Union: keep the real failure
+        listed = text.split("Errors:", 1)[-1].split("Given value", 1)[0]
+        reasons = [line.strip()[2:] for line in listed.splitlines() if line.strip().startswith("- ")]
+        reasons = [r for r in reasons if not r.startswith(("Expected a ", "Not a valid subclass"))]
+        if reasons:
+            return ValueError(reasons[0])
+        if err.__cause__ is not None:
+            return err.__cause__
     return err
 
 
