@@ -160,8 +160,15 @@ def _cause(err: BaseException) -> BaseException:
         return own
     text = str(err)
     if "Does not validate against" in text:  # jsonargparse tried each type of a Union: keep the real failure
-        listed = text.split("Errors:", 1)[-1].split("Given value", 1)[0]
-        reasons = [line.strip()[2:] for line in listed.splitlines() if line.strip().startswith("- ")]
+        listed = [line for line in text.split("Errors:", 1)[-1].split("\nGiven value", 1)[0].splitlines()
+                  if line.strip()]
+        starts = [len(line) - len(line.lstrip()) for line in listed if line.lstrip().startswith("- ")]
+        reasons: list[str] = []
+        for line in listed:  # "- reason" at the list's indentation, continued by more-indented lines
+            if starts and line.lstrip().startswith("- ") and len(line) - len(line.lstrip()) == min(starts):
+                reasons.append(line.strip()[2:])
+            elif reasons:
+                reasons[-1] += " " + line.strip()
         reasons = [r for r in reasons if not r.startswith(("Expected a ", "Not a valid subclass"))]
         if reasons:
             return ValueError(reasons[0])
