@@ -27,7 +27,13 @@ from lightning_delta.errors import DeltaConfigError, DeltaStateError, NonFiniteE
 from lightning_delta.handle import DeltaModel, ensure_attached, to_configs
 from lightning_delta.methods.adalora import RankAllocator
 from lightning_delta.precision import KeepDeltasThroughLayerSwap, KeepTrainableFp32
-from lightning_delta.state import TRAINABLE_ATTR, compare_fingerprint, non_finite_keys, trainable_module_names
+from lightning_delta.state import (
+    TRAINABLE_ATTR,
+    compare_fingerprint,
+    local_shard,
+    non_finite_keys,
+    trainable_module_names,
+)
 from lightning_delta.targets import normalize_patterns
 
 try:  # let LightningCLI / jsonargparse accept `class_path: lightning_delta.LoraConfig` for a DeltaConfig
@@ -303,7 +309,7 @@ class DeltaCallback(Callback):
         """One fused reduction over every trained tensor (its local shard, when sharded) per optimizer step."""
         if self._trained is None:
             self._trained = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
-        local = [(n, t) for n, t in ((n, _local_shard(p)) for n, p in self._trained) if t.numel()]
+        local = [(n, t) for n, t in ((n, local_shard(p)) for n, p in self._trained) if t.numel()]
         norms = torch._foreach_norm([t for _, t in local], float("inf")) if local else []
         bad = bool(norms) and not bool(torch.stack([n.float() for n in norms]).isfinite().all())
         if self._any_rank(trainer, bad):
@@ -344,11 +350,3 @@ class DeltaCallback(Callback):
             )
         for note in compare_fingerprint(meta["fingerprint"], backbone):
             rank_zero_warn(note)
-
-
-def _local_shard(p: torch.Tensor) -> torch.Tensor:
-    """What this rank holds of ``p``: a DTensor's local shard, a ZeRO-3 parameter's partition, else ``p``."""
-    local = getattr(p, "_local_tensor", None)
-    if local is None:
-        local = getattr(p, "ds_tensor", None)
-    return (p if local is None else local).detach()

@@ -109,15 +109,20 @@ def unowned_trainable_keys(model: nn.Module) -> list[str]:
                   if isinstance(tensor, nn.Parameter) and tensor.requires_grad and not _under(key, owned))
 
 
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of ``tensor``: a DTensor's local shard, a ZeRO-3 parameter's partition, else
+    ``tensor`` (detached): checks on it need no collective."""
+    local = getattr(tensor, "_local_tensor", None)
+    if local is None:
+        local = getattr(tensor, "ds_tensor", None)
+    return (tensor if local is None else local).detach()
+
+
 def non_finite_keys(state: Mapping[str, Any]) -> list[str]:
     """Keys of the floating-point tensors in ``state`` that hold NaN or inf (local shards of sharded ones)."""
-    bad = []
-    for key, tensor in state.items():
-        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
-            local = getattr(tensor, "_local_tensor", tensor)  # a DTensor's shard: no collective
-            if not bool(torch.isfinite(local).all()):
-                bad.append(key)
-    return bad
+    return [key for key, tensor in state.items()
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+            and not bool(torch.isfinite(local_shard(tensor)).all())]
 
 
 def check_fit(
