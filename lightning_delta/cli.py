@@ -25,6 +25,7 @@ runs, so ``lightning-delta --help`` is quick; :class:`DeltaCLI` lives in
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Any
@@ -87,12 +88,24 @@ def _method_class_path(value: str) -> str:
         else f"{cls.__module__}.{cls.__name__}"
 
 
+def _default_lr(class_path: str) -> str | None:
+    """The ``lr`` default of the registered method config at ``class_path`` as YAML; ``None`` for other classes."""
+    from lightning_delta.methods import METHODS
+
+    for cls in METHODS.values():
+        if class_path in (f"{cls.__module__}.{cls.__name__}", f"lightning_delta.{cls.__name__}"):
+            default = {f.name: f.default for f in dataclasses.fields(cls)}["lr"]
+            return "null" if default is None else repr(default)
+    return None
+
+
 def switch_method(argv: list[str]) -> list[str]:
     """``--delta.method=X`` on the command line: a method name becomes its config class (one form, the same
-    result), and the method's own default placement applies unless targets are named after it.
+    result), and the method's own default placement and learning rate apply unless named after it.
 
     jsonargparse keeps the ``init_args`` the new class accepts, so without this the config file's LoRA
-    ``targets: [query, value]`` would silently carry over to BitFit, IA3 or adapters.
+    ``targets: [query, value]`` would silently carry over to BitFit, IA3 or adapters, and LoRA's ``lr``
+    to prompt tuning.
     """
     out: list[str] = []
     i = 0
@@ -114,8 +127,9 @@ def switch_method(argv: list[str]) -> list[str]:
         value = _method_class_path(value)
         out.append(f"--delta.method={value}")
         if "." in value:  # a config class (an unknown name is left for the callback to refuse)
-            for key, reset in (("targets", "null"), ("exclude", "[]")):
-                if not any(a.startswith(f"--delta.method.init_args.{key}") for a in argv):  # named anywhere: kept
+            for key, reset in (("targets", "null"), ("exclude", "[]"), ("lr", _default_lr(value))):
+                named = any(a.startswith(f"--delta.method.init_args.{key}") for a in argv)  # anywhere: kept
+                if reset is not None and not named:
                     out.append(f"--delta.method.init_args.{key}={reset}")
     return out
 

@@ -25,7 +25,7 @@ from torch import nn
 from lightning_delta.errors import DeltaConfigError, DeltaError, DeltaStateError, MergeError, UnsupportedModuleError
 from lightning_delta.targets import ATTENTION_PRESETS, normalize_patterns, preset, resolve_targets
 
-_COMMON_FIELDS = ("targets", "exclude", "name", "delta_dtype")
+_COMMON_FIELDS = ("targets", "exclude", "name", "delta_dtype", "lr")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -42,6 +42,10 @@ class DeltaConfig(abc.ABC):
         delta_dtype: storage dtype of the delta's tensors (``"float32"``, ``"bfloat16"``, ...). By
             default float32 (float64 beside a float64 target), also under a half-precision
             backbone: the delta casts at its boundary and keeps this dtype when the model is cast.
+        lr: peak learning rate of this delta's tensors where the task names none (keyword-only). Each
+            method's default is its recommended rate on a ready task, from ``python -m benchmarks.quality
+            --sweep``; a task's ``learning_rate`` or ``lr_by_method`` overrides it
+            (:func:`~lightning_delta.optim.param_groups`).
     """
 
     method: ClassVar[str] = ""
@@ -51,6 +55,7 @@ class DeltaConfig(abc.ABC):
     exclude: list[str] = field(default_factory=list)
     name: str | None = None
     delta_dtype: str | None = None
+    lr: float = field(default=1e-3, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.targets is not None:
@@ -60,6 +65,8 @@ class DeltaConfig(abc.ABC):
             raise DeltaConfigError(f"delta name {self.name!r} must be a Python identifier, e.g. 'lora_task_a'")
         if self.delta_dtype is not None and self.delta_dtype not in DTYPES:
             raise DeltaConfigError(f"delta_dtype={self.delta_dtype!r} is not one of {sorted(DTYPES)}")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise DeltaConfigError(f"{self.method}: lr={self.lr!r} is invalid; it must be a positive number, e.g. 1e-3")
         for f in dataclasses.fields(self):  # no hyper-parameter of any method means anything as NaN or inf
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):

@@ -92,3 +92,25 @@ def quiet_loading() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def peft_finds_the_cache(model: nn.Module) -> nn.Module:
+    """``model`` made visible to PEFT 0.21's prefix tuning under transformers 5.24+ (returned, changed in place).
+
+    PEFT finds where a prefix enters a classifier by looking for ``past_key_values`` in its encoder's
+    forward signature; transformers 5.24 renamed it ``cache`` (the old name still works as an alias), so
+    PEFT refuses encoder classifiers before running anything. The encoder's forward gets its old name
+    back (same function, same computation) so that PEFT's own prefix code is what runs.
+    """
+    outer = inspect.signature(model.forward).parameters
+    inner = inspect.signature(model.base_model.forward).parameters
+    if "cache" in inner and "past_key_values" not in inner and not {"cache", "past_key_values"} & set(outer):
+        original = model.base_model.forward  # a classifier's encoder, which PEFT calls with past_key_values=
+
+        def forward(*args, past_key_values=None, **kwargs):
+            return original(*args, cache=past_key_values, **kwargs)
+
+        forward.__signature__ = inspect.signature(original).replace(parameters=[
+            p.replace(name="past_key_values") if p.name == "cache" else p for p in inner.values()])
+        model.base_model.forward = forward
+    return model

@@ -55,12 +55,15 @@ class PeftDeltaConfig(WholeModelConfig):
     Args:
         peft: the PEFT config as a dict (``peft_config.to_dict()``), e.g.
             ``{"peft_type": "LORA", "r": 8, "target_modules": ["query", "value"]}``.
+        lr: peak learning rate; ``None``: the rate of the native method of the same PEFT type
+            (:func:`~lightning_delta.optim.method_lr`).
     """
 
     method = "peft"
     supported_types = "any model PEFT can inject into (targets come from the PEFT config's target_modules)"
 
     peft: dict[str, Any] = field(default_factory=dict)
+    lr: float | None = field(default=None, kw_only=True)
 
     def validate(self) -> None:
         peft = _require_peft()

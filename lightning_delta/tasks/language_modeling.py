@@ -16,7 +16,7 @@ class _LanguageModeling(DeltaTask):
 
     shift_labels = False  #: whether logits at position t predict the label at t + 1 (causal models)
 
-    def __init__(self, model: str, learning_rate: float, weight_decay: float, warmup_ratio: float,
+    def __init__(self, model: str, learning_rate: float | None, weight_decay: float, warmup_ratio: float,
                  gradient_checkpointing: bool, lr_by_method: dict[str, float] | None,
                  loraplus_lr_ratio: float | None) -> None:
         super().__init__(model, learning_rate, weight_decay, warmup_ratio, gradient_checkpointing, lr_by_method,
@@ -40,7 +40,7 @@ class CausalLanguageModeling(_LanguageModeling):
 
     Args:
         model: a hub name or a local folder.
-        learning_rate: peak AdamW learning rate.
+        learning_rate: one peak AdamW learning rate; ``None``: each delta's method's own.
         weight_decay: AdamW weight decay.
         warmup_ratio: fraction of steps with linear warm-up.
         gradient_checkpointing: recompute the backbone's blocks in backward.
@@ -53,7 +53,7 @@ class CausalLanguageModeling(_LanguageModeling):
 
     shift_labels = True
 
-    def __init__(self, model: str, learning_rate: float = 1e-3, weight_decay: float = 0.0,
+    def __init__(self, model: str, learning_rate: float | None = None, weight_decay: float = 0.0,
                  warmup_ratio: float = 0.1, gradient_checkpointing: bool = False,
                  lr_by_method: dict[str, float] | None = None, loraplus_lr_ratio: float | None = None,
                  loss_chunk_size: int | None = None) -> None:
@@ -75,7 +75,7 @@ class Seq2SeqLanguageModeling(_LanguageModeling):
 
     Args:
         model: a hub name or a local folder.
-        learning_rate: peak AdamW learning rate.
+        learning_rate: one peak AdamW learning rate; ``None``: each delta's method's own.
         weight_decay: AdamW weight decay.
         warmup_ratio: fraction of steps with linear warm-up.
         generation_metric: also generate (greedy) in validation/test and log ``{stage}_exact_match``,
@@ -86,7 +86,7 @@ class Seq2SeqLanguageModeling(_LanguageModeling):
         loraplus_lr_ratio: LoRA+: ``B`` of LoRA/DoRA learns this many times faster.
     """
 
-    def __init__(self, model: str, learning_rate: float = 1e-3, weight_decay: float = 0.0,
+    def __init__(self, model: str, learning_rate: float | None = None, weight_decay: float = 0.0,
                  warmup_ratio: float = 0.1, generation_metric: bool = False, max_new_tokens: int = 32,
                  gradient_checkpointing: bool = False, lr_by_method: dict[str, float] | None = None,
                  loraplus_lr_ratio: float | None = None) -> None:
