@@ -12,6 +12,7 @@ rate from the sweep).
 
 ``--sweep`` picks the learning rates: each row over a grid, one seed, scored on a validation split
 carved from the training data (never the test split); the methods' default ``lr`` come from it.
+``--sweep --rows ia3 --lrs 0.1`` adds rates to an earlier sweep where the best lay on the grid's edge.
 
 Settings (``--setting``): ``quick`` (the default: 150 steps of batch 16 -- 2,400 examples, about half
 an epoch -- with max_length 32: TREC questions are 13 tokens on average, 39 at most), and ``short``
@@ -64,6 +65,7 @@ class Run:
     setting: str
     files: tuple[tuple[str, str], ...]
     num_labels: int
+    model: str = MODEL
 
 
 def methods() -> list[str]:
@@ -95,6 +97,7 @@ def split_files(train: Path, test: Path | None, out: Path, dev_size: int = 500) 
         dialect = "excel-tab" if train.suffix == ".tsv" else "excel"
         table = list(csv.DictReader(f, dialect=dialect))
     random.Random(0).shuffle(table)
+    dev_size = min(dev_size, len(table) // 5)
     parts = {"dev": table[:dev_size], "train": table[dev_size:]}
     out.mkdir(parents=True, exist_ok=True)
     for name, part in parts.items():
@@ -108,7 +111,7 @@ def split_files(train: Path, test: Path | None, out: Path, dev_size: int = 500) 
     return files
 
 
-def peft_config_of(method: str, num_labels: int) -> Any:
+def peft_config_of(method: str, num_labels: int, model: str = MODEL) -> Any:
     """PEFT's config for our ``method`` at its defaults, as ``export_peft`` writes it (same hyper-parameters)."""
     import peft
     from transformers import AutoModelForSequenceClassification
@@ -117,7 +120,7 @@ def peft_config_of(method: str, num_labels: int) -> Any:
     from lightning_delta.hf_compat import load_pretrained
     from lightning_delta.tasks.sources import resolve_source
 
-    backbone = load_pretrained(AutoModelForSequenceClassification, resolve_source(MODEL), num_labels=num_labels)
+    backbone = load_pretrained(AutoModelForSequenceClassification, resolve_source(model), num_labels=num_labels)
     attach(backbone, method).freeze_backbone(trainable="classifier")
     with tempfile.TemporaryDirectory() as folder:
         export_peft(backbone, folder)
@@ -164,7 +167,7 @@ def run(spec: Run) -> dict[str, Any]:
         logging.getLogger(name).setLevel(logging.WARNING)
     setting = SETTINGS[spec.setting]
     pl.seed_everything(spec.seed, verbose=False)
-    task = SequenceClassification(MODEL, num_labels=spec.num_labels, learning_rate=spec.lr)
+    task = SequenceClassification(spec.model, num_labels=spec.num_labels, learning_rate=spec.lr)
     callbacks: list[Any] = [clock := Clock()]
     method = spec.row.removeprefix("peft:")
     if spec.row == "head":
@@ -173,7 +176,9 @@ def run(spec: Run) -> dict[str, Any]:
     elif spec.row.startswith("peft:"):
         import peft
 
-        config = peft_config_of(method, spec.num_labels)
+        config = peft_config_of(method, spec.num_labels, spec.model)
+        if method == "prompt":  # ours starts from embeddings of random vocabulary tokens; PEFT's default is N(0, 1)
+            config.prompt_tuning_init = peft.PromptTuningInit.SAMPLE_VOCAB
         if method == "adalora":  # PEFT's AdaLoRA: the schedule's length, and its allocator called each step
             config.total_step = setting["steps"]
             callbacks.append(PeftAdaLoraSchedule())
@@ -269,6 +274,32 @@ def markdown(table: list[dict[str, Any]], rates: dict[str, float]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def goals(table: list[dict[str, Any]]) -> list[str]:
+    """The issue's goals checked on this table, one markdown list line each ("met" / "NOT met")."""
+    acc = {t["row"]: t["acc"] for t in table if "acc" in t}
+    lines = []
+
+    def check(text: str, ok: bool) -> None:
+        lines.append(f"- {'met' if ok else 'NOT met'}: {text}")
+
+    if {"lora", "full"} <= set(acc):
+        check(f"LoRA within 1 point of full fine-tuning ({acc['lora']:.1f} vs {acc['full']:.1f})",
+              acc["lora"] >= acc["full"] - 1)
+    if "head" in acc:
+        for m in ("lora", "prompt", "prefix", "bitfit", "ia3", "adapter"):
+            if m in acc:
+                check(f"{m} at least 20 points above the head alone ({acc[m]:.1f} vs {acc['head']:.1f})",
+                      acc[m] >= acc["head"] + 20)
+    for row in acc:
+        if row.startswith("peft:") and row[5:] in acc:
+            ours, theirs = acc[row[5:]], acc[row]
+            check(f"{row[5:]} within 0.5 points of PEFT's ({ours:.1f} vs {theirs:.1f})", ours >= theirs - 0.5)
+    if {"lora", "lora+bitfit"} <= set(acc):
+        check(f"lora+bitfit not below lora ({acc['lora+bitfit']:.1f} vs {acc['lora']:.1f})",
+              acc["lora+bitfit"] >= acc["lora"])
+    return lines
+
+
 def svg_plot(table: list[dict[str, Any]], title: str) -> str:
     """Accuracy against trainable parameters (log scale), one labelled point per row."""
     points = [(t["trainable"], t["acc"], t["row"]) for t in table if "acc" in t]
@@ -311,8 +342,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", type=Path, default=TREC / "train.tsv")
     parser.add_argument("--test", type=Path, default=TREC / "test.tsv")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--lrs", type=float, nargs="*", help="with --sweep: these rates instead of the grid, added"
+                        " to the sweep's earlier runs (to extend a grid whose best rate lies on its edge)")
     parser.add_argument("--rows", nargs="*", help="only these rows (default: all)")
     parser.add_argument("--jobs", type=int, default=2, help="single-threaded processes in parallel")
+    parser.add_argument("--model", default=MODEL, help="a hub name or local folder (default: the offline MiniLM)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON, table and plot")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     names = args.rows or rows()
@@ -322,22 +357,26 @@ def main(argv: list[str] | None = None) -> None:
         with open(files["sweep"]["train"], newline="") as f:
             num_labels = len({r["label"] for r in csv.DictReader(f, dialect="excel-tab")})
         if args.sweep:
-            specs = [Run(row, lr, 0, args.setting, tuple(files["sweep"].items()), num_labels)
-                     for row in names for lr in grid(row)]
-            results = run_all(specs, args.jobs)
+            path = args.out / f"quality_sweep{suffix}.json"
+            specs = [Run(row, lr, 0, args.setting, tuple(files["sweep"].items()), num_labels, args.model)
+                     for row in names for lr in (args.lrs or grid(row))]
+            again = {(s.row, s.lr) for s in specs}  # runs repeated now replace their earlier results
+            earlier = json.loads(path.read_text())["runs"] if args.lrs and path.exists() else []
+            earlier = [r for r in earlier if (r["row"], r["lr"]) not in again]
+            results = earlier + run_all(specs, args.jobs)
             best: dict[str, dict[str, Any]] = {}
             for r in results:
                 if "acc" in r and r["acc"] > best.get(r["row"], {}).get("acc", -1):
                     best[r["row"]] = r
             payload = {"setting": args.setting, **SETTINGS[args.setting], "scored_on": "500 training rows held out",
                        "best_lr": {row: r["lr"] for row, r in best.items()}, "runs": results}
-            path = RESULTS / f"quality_sweep{suffix}.json"
         else:
             sweep_path = RESULTS / f"quality_sweep{suffix}.json"
             if not sweep_path.exists():
                 sweep_path = RESULTS / "quality_sweep.json"
             sweep = json.loads(sweep_path.read_text())["best_lr"] if sweep_path.exists() else {}
-            specs = [Run(row, default_lr(row, sweep), seed, args.setting, tuple(files["table"].items()), num_labels)
+            specs = [Run(row, default_lr(row, sweep), seed, args.setting, tuple(files["table"].items()), num_labels,
+                         args.model)
                      for seed in range(args.seeds) for row in names]
             start = time.perf_counter()
             results = run_all(specs, args.jobs)
@@ -346,12 +385,13 @@ def main(argv: list[str] | None = None) -> None:
             payload = {"setting": args.setting, **SETTINGS[args.setting], "train": str(args.train),
                        "test": str(args.test), "seeds": args.seeds, "wall_s": round(time.perf_counter() - start),
                        "table": table, "runs": results}
-            text = markdown(table, rates)
-            (RESULTS / f"quality{suffix}.md").write_text(text)
-            (RESULTS / f"quality{suffix}.svg").write_text(svg_plot(table, f"TREC, MiniLM, {args.setting} setting"))
+            text = markdown(table, rates) + "\n" + "\n".join(goals(table)) + "\n"
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"quality{suffix}.md").write_text(text)
+            (args.out / f"quality{suffix}.svg").write_text(svg_plot(table, f"TREC, MiniLM, {args.setting} setting"))
             print(text)
-            path = RESULTS / f"quality{suffix}.json"
-    RESULTS.mkdir(exist_ok=True)
+            path = args.out / f"quality{suffix}.json"
+    args.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"benchmark": "quality", "machine": machine(), "python": sys.version.split()[0],
                                 **payload}, indent=2))
     print(f"wrote {path}")

@@ -1,5 +1,6 @@
 """The lightning-delta command: the offline quickstart (shortened) and every shipped config on tiny models."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,7 +12,8 @@ import torch
 import yaml
 
 from lightning_delta.checkpoint import META_KEY
-from lightning_delta.cli import main
+from lightning_delta.cli import main, switch_method
+from lightning_delta.methods import METHODS
 from models import save_tiny
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -147,3 +149,45 @@ def test_optimizer_group_arguments_reach_the_optimizer_from_the_command_line(tmp
     assert prompt is backbone.prompt.embedding
     lora = backbone.transformer.h[0].attn.c_attn.lora
     assert any(p is lora.A for p in groups[(1e-3, 0.1)]) and any(p is lora.B for p in groups[(4e-3, 0.1)])
+
+
+
+def own_rate(method: str) -> float:
+    return {f.name: f.default for f in dataclasses.fields(METHODS[method])}["lr"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    return save_tiny("bert", tmp_path_factory.mktemp("tiny") / "bert")
+
+
+def fit_one_step(tmp_path, model_dir, *args: str):
+    """``lightning-delta fit`` of the quickstart config on a tiny BERT for one step, as the command parses it."""
+    from lightning_delta.cli import DeltaCLI
+
+    return DeltaCLI(args=switch_method([
+        "fit", "--config", QUICKSTART, *args, f"--model.init_args.model={model_dir}",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1", "--trainer.enable_progress_bar=false",
+        "--trainer.logger=false", "--trainer.limit_val_batches=0", "--data.init_args.num_train=8",
+        "--data.init_args.num_val=4", "--data.init_args.batch_size=4"]))
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS) - {"peft", "new_tokens"}))  # new_tokens: needs its tokens
+def test_each_method_trains_at_its_own_rate_when_the_config_names_none(tmp_path, tiny_bert_dir, method):
+    """The quickstart config names no learning rate: a method switched in on the command line trains, with the
+    head, at that method's own rate, which --print_config shows."""
+    cli = fit_one_step(tmp_path, tiny_bert_dir, f"--delta.method={method}")
+    assert cli.config.fit.delta.method.init_args.lr == own_rate(method)
+    assert {g["initial_lr"] for g in cli.trainer.optimizers[0].param_groups} == {own_rate(method)}
+
+
+def test_a_named_learning_rate_wins_over_the_methods_own(tmp_path, tiny_bert_dir):
+    cli = fit_one_step(tmp_path, tiny_bert_dir, "--delta.method=prompt", "--model.init_args.learning_rate=0.004")
+    assert {g["initial_lr"] for g in cli.trainer.optimizers[0].param_groups} == {0.004}
+    cli = fit_one_step(tmp_path, tiny_bert_dir, "--delta.method=prompt", "--delta.method.init_args.lr=0.005")
+    assert {g["initial_lr"] for g in cli.trainer.optimizers[0].param_groups} == {0.005}
+
+
+def test_switching_from_a_config_that_names_a_rate_gives_the_new_methods_own(capsys):
+    config = print_config(capsys, "--config", str(CONFIGS / "sst2-roberta-lora.yaml"), "--delta.method=prompt")
+    assert config["delta"]["method"]["init_args"]["lr"] == own_rate("prompt")

@@ -23,7 +23,7 @@ and :meth:`RankAllocator.update_and_allocate` after ``optimizer.step()``, before
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -60,6 +60,7 @@ class AdaLoraConfig(DeltaConfig):
     """
 
     method = "adalora"
+    lr: float = field(default=0.03, kw_only=True)  # benchmarks.quality --sweep
     supported_types = "nn.Linear and transformers Conv1D"
 
     init_r: int = 12

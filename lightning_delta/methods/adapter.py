@@ -9,7 +9,7 @@ computes exactly what the backbone did. Parameters per target of width ``d``:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ class AdapterConfig(DeltaConfig):
     """
 
     method = "adapter"
+    lr: float = field(default=0.003, kw_only=True)  # benchmarks.quality --sweep
     supported_types = "nn.Linear and transformers Conv1D (the adapter reads their output)"
 
     bottleneck_dim: int = 64

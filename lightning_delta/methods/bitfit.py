@@ -11,7 +11,7 @@ module but the output head.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ class BitFitConfig(DeltaConfig):
     """BitFit has no hyper-parameters beyond where it attaches."""
 
     method = "bitfit"
+    lr: float = field(default=0.003, kw_only=True)  # benchmarks.quality --sweep
     supported_types = "Linear-like modules, nn.Conv1d/2d/3d, nn.LayerNorm and RMSNorm-style norms"
 
     def supports(self, module: nn.Module) -> bool:

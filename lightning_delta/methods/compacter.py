@@ -11,7 +11,7 @@ projection's ``t`` factors start at zero). Needs ``d`` and ``bottleneck_dim`` di
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ class CompacterConfig(AdapterConfig):
     """
 
     method = "compacter"
+    lr: float = field(default=0.01, kw_only=True)  # benchmarks.quality --sweep
 
     phm_dim: int = 4
     rank: int = 1

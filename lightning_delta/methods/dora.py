@@ -8,7 +8,7 @@ Supports ``nn.Linear`` and ``Conv1D``; presets as LoRA. Parameters per target:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ class DoraConfig(LoraConfig):
     """DoRA takes LoRA's hyper-parameters (r, alpha, dropout, rslora; init 'default' or 'gaussian')."""
 
     method = "dora"
+    lr: float = field(default=0.01, kw_only=True)  # benchmarks.quality --sweep
     supported_types = "nn.Linear and transformers Conv1D"
 
     def validate(self) -> None:

@@ -47,6 +47,7 @@ class IA3Config(DeltaConfig):
     """
 
     method = "ia3"
+    lr: float = field(default=0.03, kw_only=True)  # benchmarks.quality --sweep
     supported_types = "nn.Linear and transformers Conv1D"
 
     feedforward: list[str] | None = field(default=None)

@@ -9,7 +9,7 @@ in. Supports ``nn.LayerNorm`` and RMSNorm-style norms (``nn.RMSNorm``, ``LlamaRM
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ class LayerNormConfig(DeltaConfig):
     """LN-tuning has no hyper-parameters beyond where it attaches (default: every norm)."""
 
     method = "layernorm"
+    lr: float = field(default=0.01, kw_only=True)  # benchmarks.quality --sweep
     supported_types = "nn.LayerNorm (with affine parameters) and RMSNorm-style norms"
 
     def supports(self, module: nn.Module) -> bool:

@@ -9,7 +9,7 @@ parameters per target. Supports ``nn.Linear`` and ``Conv1D``; presets as LoRA.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ class LohaConfig(DeltaConfig):
     """
 
     method = "loha"
+    lr: float = field(default=0.01, kw_only=True)  # benchmarks.quality --sweep
     supported_types = "nn.Linear and transformers Conv1D"
 
     r: int = 8

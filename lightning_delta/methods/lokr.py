@@ -11,7 +11,7 @@ Trainable parameters per target: ``a * c`` (or ``r * (a + c)``) ``+ b * d`` (or 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -55,6 +55,7 @@ class LokrConfig(DeltaConfig):
     """
 
     method = "lokr"
+    lr: float = field(default=0.03, kw_only=True)  # benchmarks.quality --sweep
     supported_types = "nn.Linear and transformers Conv1D"
 
     r: int = 8

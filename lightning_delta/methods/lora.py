@@ -28,7 +28,7 @@ They need linear-like targets holding real (non-meta, unsharded) weights at atta
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,7 @@ class LoraConfig(DeltaConfig):
     """
 
     method = "lora"
+    lr: float = field(default=0.005, kw_only=True)  # benchmarks.quality --sweep
     supported_types = "nn.Linear, transformers Conv1D, nn.Embedding and nn.Conv2d (groups=1)"
 
     r: int = 8

@@ -8,7 +8,7 @@ projection's outer factor starts at zero). Parameters per target of width ``d`` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ class LowRankAdapterConfig(AdapterConfig):
     """
 
     method = "low_rank_adapter"
+    lr: float = field(default=0.01, kw_only=True)  # benchmarks.quality --sweep
 
     rank: int = 1
 

@@ -14,7 +14,7 @@ presets as LoRA. Trainable parameters per target: ``in / block_size * block_size
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ class OftConfig(DeltaConfig):
     """
 
     method = "oft"
+    lr: float = field(default=0.003, kw_only=True)  # benchmarks.quality --sweep
     supported_types = "nn.Linear and transformers Conv1D"
 
     block_size: int = 32

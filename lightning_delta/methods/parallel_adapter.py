@@ -12,7 +12,7 @@ identity at init. Parameters per block of width ``d``: ``2 * d * bottleneck_dim 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,6 +41,7 @@ class ParallelAdapterConfig(AdapterConfig):
     """
 
     method = "parallel_adapter"
+    lr: float = field(default=0.001, kw_only=True)  # benchmarks.quality --sweep
     supported_types = "modules holding Linear layers whose input and output are hidden states (feed-forward blocks)"
 
     scale: float = 4.0

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -79,6 +79,7 @@ class PrefixConfig(VirtualTokensConfig):
     """
 
     method = "prefix"
+    lr: float = field(default=0.03, kw_only=True)  # benchmarks.quality --sweep
     supported_types = "a transformers model (with a config) whose forward takes a key/value cache"
 
     projection: bool = False

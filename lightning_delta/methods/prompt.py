@@ -13,7 +13,7 @@ Parameters: ``num_virtual_tokens * hidden``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ class PromptConfig(VirtualTokensConfig):
     """
 
     method = "prompt"
+    lr: float = field(default=0.1, kw_only=True)  # benchmarks.quality --sweep
     supported_types = "models with get_input_embeddings() (transformers PreTrainedModel)"
 
     init: str = "vocab"

@@ -18,7 +18,7 @@ which must then be given.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,6 +49,7 @@ class VeraConfig(DeltaConfig):
     """
 
     method = "vera"
+    lr: float = field(default=0.03, kw_only=True)  # benchmarks.quality --sweep
     supported_types = "nn.Linear and transformers Conv1D"
 
     r: int = 256
