@@ -65,7 +65,8 @@ class DeltaConfig(abc.ABC):
             raise DeltaConfigError(f"delta name {self.name!r} must be a Python identifier, e.g. 'lora_task_a'")
         if self.delta_dtype is not None and self.delta_dtype not in DTYPES:
             raise DeltaConfigError(f"delta_dtype={self.delta_dtype!r} is not one of {sorted(DTYPES)}")
-        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
+        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
+                                    or not self.lr > 0):
             raise DeltaConfigError(f"{self.method}: lr={self.lr!r} is invalid; it must be a positive number, e.g. 1e-3")
         for f in dataclasses.fields(self):  # no hyper-parameter of any method means anything as NaN or inf
             value = getattr(self, f.name)
