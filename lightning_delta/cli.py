@@ -25,7 +25,6 @@ runs, so ``lightning-delta --help`` is quick; :class:`DeltaCLI` lives in
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from typing import Any
@@ -90,11 +89,11 @@ def _method_class_path(value: str) -> str:
 
 def _default_lr(class_path: str) -> str | None:
     """The ``lr`` default of the registered method config at ``class_path`` as YAML; ``None`` for other classes."""
-    from lightning_delta.methods import METHODS
+    from lightning_delta.methods import METHODS, default_lr
 
     for cls in METHODS.values():
         if class_path in (f"{cls.__module__}.{cls.__name__}", f"lightning_delta.{cls.__name__}"):
-            default = {f.name: f.default for f in dataclasses.fields(cls)}["lr"]
+            default = default_lr(cls)
             return "null" if default is None else repr(default)
     return None
 

@@ -3,7 +3,6 @@ weight decay where decay makes no sense (biases, norms, scales, prompt and prefi
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,7 +10,7 @@ from torch import nn
 
 from lightning_delta.core import DeltaConfig, iter_deltas
 from lightning_delta.handle import trainable_parameters
-from lightning_delta.methods import METHODS
+from lightning_delta.methods import METHODS, default_lr
 
 #: Delta tensors that are offsets, scales or embeddings rather than weight matrices: never decayed.
 NO_DECAY_METHODS = frozenset({"bitfit", "layernorm", "ia3", "prompt", "prefix", "new_tokens"})
@@ -32,7 +31,7 @@ def method_lr(config: DeltaConfig) -> float:
     peft_type = getattr(config, "peft", {}).get("peft_type")
     for cls in METHODS.values():
         if peft_type and cls.peft_type == str(peft_type):
-            return {f.name: f.default for f in dataclasses.fields(cls)}["lr"]
+            return default_lr(cls)
     return DEFAULT_LR
 
 

@@ -1,6 +1,5 @@
 """The lightning-delta command: the offline quickstart (shortened) and every shipped config on tiny models."""
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -13,7 +12,7 @@ import yaml
 
 from lightning_delta.checkpoint import META_KEY
 from lightning_delta.cli import main, switch_method
-from lightning_delta.methods import METHODS
+from lightning_delta.methods import METHODS, default_lr
 from models import save_tiny
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -153,7 +152,7 @@ def test_optimizer_group_arguments_reach_the_optimizer_from_the_command_line(tmp
 
 
 def own_rate(method: str) -> float:
-    return {f.name: f.default for f in dataclasses.fields(METHODS[method])}["lr"]
+    return default_lr(METHODS[method])
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,11 @@ METHODS: dict[str, type[DeltaConfig]] = {
 }
 
 
+def default_lr(cls: type[DeltaConfig]) -> float | None:
+    """The default of a method config's ``lr``: the method's recommended rate (``None`` for the PEFT backend)."""
+    return {f.name: f.default for f in dataclasses.fields(cls)}["lr"]
+
+
 def make_config(method: str | DeltaConfig, **kwargs: Any) -> DeltaConfig:
     """A config from a method name and keyword hyper-parameters, or a copy of a given config.
 
