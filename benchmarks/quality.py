@@ -12,7 +12,9 @@ rate from the sweep).
 
 ``--sweep`` picks the learning rates: each row over a grid, one seed, scored on a validation split
 carved from the training data (never the test split); the methods' default ``lr`` come from it.
-``--sweep --rows ia3 --lrs 0.1`` adds rates to an earlier sweep where the best lay on the grid's edge.
+``--sweep --rows ia3 --lrs 0.1`` adds rates to an earlier sweep where the best lay on the grid's edge;
+``--sweep --rows dora --lrs 0.003 0.01 --seeds 3`` decides between close rates on three seeds (mean minus
+standard deviation). Runs already in the sweep's file (same data and model) are kept, not repeated.
 
 Settings (``--setting``): ``quick`` (the default: 150 steps of batch 16 -- 2,400 examples, about half
 an epoch -- with max_length 32: TREC questions are 13 tokens on average, 39 at most), and ``short``
@@ -186,7 +188,7 @@ def run(spec: Run) -> dict[str, Any]:
         task.model = peft.get_peft_model(peft_finds_the_cache(task.model), config)
     elif spec.row != "full":
         configs = [make_config(m) for m in COMBINATIONS.get(spec.row, (spec.row,))]
-        callbacks.append(DeltaCallback(configs, trainable=["classifier"]))
+        callbacks.append(DeltaCallback(configs))  # trains the new classifier head: the default
     data = TextClassificationData(data_files=dict(spec.files), max_length=setting["max_length"],
                                   batch_size=setting["batch_size"])
     with tempfile.TemporaryDirectory() as root:
@@ -232,6 +234,21 @@ def run_all(specs: list[Run], jobs: int) -> list[dict[str, Any]]:
     return out
 
 
+def best_rates(results: list[dict[str, Any]]) -> dict[str, float]:
+    """Each row's rate with the best mean minus standard deviation of validation accuracy over the seeds it
+    ran (one seed: its accuracy); rates run with fewer seeds than the row's most are not compared."""
+    scores: dict[str, dict[float, list[float]]] = {}
+    for r in results:
+        if "acc" in r:
+            scores.setdefault(r["row"], {}).setdefault(r["lr"], []).append(r["acc"])
+    best = {}
+    for row, by_lr in scores.items():
+        most = max(len(accs) for accs in by_lr.values())
+        compared = {lr: accs for lr, accs in by_lr.items() if len(accs) == most}
+        best[row] = max(compared, key=lambda lr: statistics.mean(compared[lr]) - statistics.pstdev(compared[lr]))
+    return best
+
+
 def default_lr(row: str, sweep: dict[str, float]) -> float | None:
     """The table's rate: ``None`` (the method's own default) for our rows, the sweep's best for the others."""
     if row in ("head", "full") or row.startswith("peft:"):
@@ -240,8 +257,9 @@ def default_lr(row: str, sweep: dict[str, float]) -> float | None:
 
 
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    order = {row: i for i, row in enumerate(rows())}
     by_row: dict[str, list[dict[str, Any]]] = {}
-    for r in results:
+    for r in sorted(results, key=lambda r: order.get(r["row"], len(order))):
         by_row.setdefault(r["row"], []).append(r)
     table = []
     for row, runs in by_row.items():
@@ -341,10 +359,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep", action="store_true", help="pick learning rates on a split carved from train")
     parser.add_argument("--train", type=Path, default=TREC / "train.tsv")
     parser.add_argument("--test", type=Path, default=TREC / "test.tsv")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, help="seeds per run (default: 3 for the table, 1 for the sweep;"
+                        " a multi-seed sweep picks the best mean minus standard deviation)")
     parser.add_argument("--lrs", type=float, nargs="*", help="with --sweep: these rates instead of the grid, added"
                         " to the sweep's earlier runs (to extend a grid whose best rate lies on its edge)")
-    parser.add_argument("--rows", nargs="*", help="only these rows (default: all)")
+    parser.add_argument("--rows", nargs="*", help="only these rows (default: all); the table keeps an earlier"
+                        " table's other rows (same data and seeds)")
     parser.add_argument("--jobs", type=int, default=2, help="single-threaded processes in parallel")
     parser.add_argument("--model", default=MODEL, help="a hub name or local folder (default: the offline MiniLM)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON, table and plot")
@@ -358,18 +378,18 @@ def main(argv: list[str] | None = None) -> None:
             num_labels = len({r["label"] for r in csv.DictReader(f, dialect="excel-tab")})
         if args.sweep:
             path = args.out / f"quality_sweep{suffix}.json"
-            specs = [Run(row, lr, 0, args.setting, tuple(files["sweep"].items()), num_labels, args.model)
-                     for row in names for lr in (args.lrs or grid(row))]
-            again = {(s.row, s.lr) for s in specs}  # runs repeated now replace their earlier results
-            earlier = json.loads(path.read_text())["runs"] if args.lrs and path.exists() else []
-            earlier = [r for r in earlier if (r["row"], r["lr"]) not in again]
-            results = earlier + run_all(specs, args.jobs)
-            best: dict[str, dict[str, Any]] = {}
-            for r in results:
-                if "acc" in r and r["acc"] > best.get(r["row"], {}).get("acc", -1):
-                    best[r["row"]] = r
-            payload = {"setting": args.setting, **SETTINGS[args.setting], "scored_on": "500 training rows held out",
-                       "best_lr": {row: r["lr"] for row, r in best.items()}, "runs": results}
+            earlier = json.loads(path.read_text()) if path.exists() else {}
+            same_data = (earlier.get("train", str(TREC / "train.tsv")), earlier.get("model", MODEL)) == (
+                str(args.train), args.model)
+            earlier = earlier.get("runs", []) if same_data else []  # another data set or model: a new sweep
+            done = {(r["row"], r["lr"], r.get("seed", 0)) for r in earlier if "acc" in r}
+            specs = [Run(row, lr, seed, args.setting, tuple(files["sweep"].items()), num_labels, args.model)
+                     for row in names for lr in (args.lrs or grid(row)) for seed in range(args.seeds or 1)
+                     if (row, lr, seed) not in done]  # runs already in the file are kept, not repeated
+            results = [r for r in earlier if "acc" in r] + run_all(specs, args.jobs)
+            payload = {"setting": args.setting, **SETTINGS[args.setting], "train": str(args.train), "model": args.model,
+                       "scored_on": "500 training rows held out",
+                       "best_lr": best_rates(results), "runs": results}
         else:
             sweep_path = RESULTS / f"quality_sweep{suffix}.json"
             if not sweep_path.exists():
@@ -377,20 +397,26 @@ def main(argv: list[str] | None = None) -> None:
             sweep = json.loads(sweep_path.read_text())["best_lr"] if sweep_path.exists() else {}
             specs = [Run(row, default_lr(row, sweep), seed, args.setting, tuple(files["table"].items()), num_labels,
                          args.model)
-                     for seed in range(args.seeds) for row in names]
+                     for seed in range(args.seeds or 3) for row in names]
+            path = args.out / f"quality{suffix}.json"
             start = time.perf_counter()
             results = run_all(specs, args.jobs)
+            wall = {"wall_s": round(time.perf_counter() - start)}
+            earlier = json.loads(path.read_text()) if args.rows and path.exists() else {}
+            if (earlier.get("train"), earlier.get("test"), earlier.get("seeds")) == (
+                    str(args.train), str(args.test), args.seeds or 3):  # --rows re-ran rows of an earlier table
+                wall = {"wall_s": earlier.get("wall_s"), "rerun": {**earlier.get("rerun", {}),
+                                                                   " ".join(names): wall["wall_s"]}}
+                results = [r for r in earlier["runs"] if r["row"] not in names] + results
             table = summarize(results)
             rates = own_rates()
             payload = {"setting": args.setting, **SETTINGS[args.setting], "train": str(args.train),
-                       "test": str(args.test), "seeds": args.seeds, "wall_s": round(time.perf_counter() - start),
-                       "table": table, "runs": results}
+                       "test": str(args.test), "seeds": args.seeds or 3, **wall, "table": table, "runs": results}
             text = markdown(table, rates) + "\n" + "\n".join(goals(table)) + "\n"
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / f"quality{suffix}.md").write_text(text)
             (args.out / f"quality{suffix}.svg").write_text(svg_plot(table, f"TREC, MiniLM, {args.setting} setting"))
             print(text)
-            path = args.out / f"quality{suffix}.json"
     args.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"benchmark": "quality", "machine": machine(), "python": sys.version.split()[0],
                                 **payload}, indent=2))

