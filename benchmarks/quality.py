@@ -12,7 +12,9 @@ rate from the sweep).
 
 ``--sweep`` picks the learning rates: each row over a grid, one seed, scored on a validation split
 carved from the training data (never the test split); the methods' default ``lr`` come from it.
-``--sweep --rows ia3 --lrs 0.1`` adds rates to an earlier sweep where the best lay on the grid's edge;
+A row ``method@module`` also trains ``module`` of the backbone whole (``lora@pooler``: LoRA, the new head
+and BERT's pretrained pooler). ``--sweep --rows ia3 --lrs 0.1`` adds rates to an earlier sweep where the
+best lay on the grid's edge;
 ``--sweep --rows dora --lrs 0.003 0.01 --seeds 3`` decides between close rates on three seeds (mean minus
 standard deviation). Runs already in the sweep's file (same data and model) are kept, not repeated.
 
@@ -84,7 +86,7 @@ def rows() -> list[str]:
 
 
 def grid(row: str) -> tuple[float, ...]:
-    method = row.removeprefix("peft:")
+    method = row.removeprefix("peft:").partition("@")[0]
     if method == "full":
         return GRIDS["full"]
     if method in ("prompt", "prefix"):
@@ -161,7 +163,7 @@ def run(spec: Run) -> dict[str, Any]:
 
     from lightning_delta import DeltaCallback, make_config
     from lightning_delta.data import TextClassificationData
-    from lightning_delta.hf_compat import peft_finds_the_cache
+    from lightning_delta.hf_compat import new_modules, peft_finds_the_cache
     from lightning_delta.tasks import SequenceClassification
 
     warnings.filterwarnings("ignore")
@@ -187,8 +189,11 @@ def run(spec: Run) -> dict[str, Any]:
         # PEFT 0.21's prefix tuning looks for `past_key_values`, which transformers 5.24 renamed
         task.model = peft.get_peft_model(peft_finds_the_cache(task.model), config)
     elif spec.row != "full":
-        configs = [make_config(m) for m in COMBINATIONS.get(spec.row, (spec.row,))]
-        callbacks.append(DeltaCallback(configs))  # trains the new classifier head: the default
+        row, _, whole = spec.row.partition("@")  # "lora@pooler": also train the backbone's pooler whole
+        configs = [make_config(m) for m in COMBINATIONS.get(row, (row,))]
+        # trainable=None (the default) trains the new classifier head
+        callbacks.append(DeltaCallback(configs, trainable=[*new_modules(task.model), *whole.split(",")]
+                                       if whole else None))
     data = TextClassificationData(data_files=dict(spec.files), max_length=setting["max_length"],
                                   batch_size=setting["batch_size"])
     with tempfile.TemporaryDirectory() as root:
@@ -286,7 +291,7 @@ def markdown(table: list[dict[str, Any]], rates: dict[str, float]) -> str:
         if "error" in t:
             lines.append(f"| {t['row']} | | failed: {t['error'][:80]} | | | | |")
             continue
-        lr = t["lr"] if t["lr"] is not None else rates.get(t["row"], "default")
+        lr = t["lr"] if t["lr"] is not None else rates.get(t["row"].partition("@")[0], "default")
         lines.append(f"| {t['row']} | {lr} | {t['acc']:.1f} ± {t['acc_sd']:.1f} | {t['f1']:.1f} ± {t['f1_sd']:.1f}"
                      f" | {t['trainable']:,} | {t['step_ms']:.0f} | {t['checkpoint_kb']:,.0f} |")
     return "\n".join(lines) + "\n"
@@ -365,6 +370,8 @@ def main(argv: list[str] | None = None) -> None:
                         " to the sweep's earlier runs (to extend a grid whose best rate lies on its edge)")
     parser.add_argument("--rows", nargs="*", help="only these rows (default: all); the table keeps an earlier"
                         " table's other rows (same data and seeds)")
+    parser.add_argument("--keep", action="store_true", help="with --rows: keep the rows' runs already in the"
+                        " table (same data) and run only the missing seeds, e.g. --seeds 3 after a one-seed table")
     parser.add_argument("--jobs", type=int, default=2, help="single-threaded processes in parallel")
     parser.add_argument("--model", default=MODEL, help="a hub name or local folder (default: the offline MiniLM)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON, table and plot")
@@ -395,23 +402,27 @@ def main(argv: list[str] | None = None) -> None:
             if not sweep_path.exists():
                 sweep_path = RESULTS / "quality_sweep.json"
             sweep = json.loads(sweep_path.read_text())["best_lr"] if sweep_path.exists() else {}
+            path = args.out / f"quality{suffix}.json"
+            seeds = args.seeds or 3
+            earlier = json.loads(path.read_text()) if args.rows and path.exists() else {}
+            if (earlier.get("train"), earlier.get("test")) != (str(args.train), str(args.test)):
+                earlier = {}  # --rows re-runs rows of an earlier table on the same data, keeping its other rows
+            kept = [r for r in earlier.get("runs", [])
+                    if r["row"] not in names or (args.keep and "acc" in r and r["seed"] < seeds)]
+            done = {(r["row"], r["seed"]) for r in kept}
             specs = [Run(row, default_lr(row, sweep), seed, args.setting, tuple(files["table"].items()), num_labels,
                          args.model)
-                     for seed in range(args.seeds or 3) for row in names]
-            path = args.out / f"quality{suffix}.json"
+                     for seed in range(seeds) for row in names if (row, seed) not in done]
             start = time.perf_counter()
-            results = run_all(specs, args.jobs)
+            results = kept + run_all(specs, args.jobs)
             wall = {"wall_s": round(time.perf_counter() - start)}
-            earlier = json.loads(path.read_text()) if args.rows and path.exists() else {}
-            if (earlier.get("train"), earlier.get("test"), earlier.get("seeds")) == (
-                    str(args.train), str(args.test), args.seeds or 3):  # --rows re-ran rows of an earlier table
+            if earlier:
                 wall = {"wall_s": earlier.get("wall_s"), "rerun": {**earlier.get("rerun", {}),
                                                                    " ".join(names): wall["wall_s"]}}
-                results = [r for r in earlier["runs"] if r["row"] not in names] + results
             table = summarize(results)
             rates = own_rates()
             payload = {"setting": args.setting, **SETTINGS[args.setting], "train": str(args.train),
-                       "test": str(args.test), "seeds": args.seeds or 3, **wall, "table": table, "runs": results}
+                       "test": str(args.test), "seeds": seeds, **wall, "table": table, "runs": results}
             text = markdown(table, rates) + "\n" + "\n".join(goals(table)) + "\n"
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / f"quality{suffix}.md").write_text(text)

@@ -6,16 +6,14 @@ callback is imported on first use, so ``import lightning_delta`` does not import
 
 from typing import Any
 
-__version__ = "0.1.0"
-
-from lightning_delta.checkpoint import (  # noqa: E402
+from lightning_delta.checkpoint import (
     DeltaCheckpointHooks,
     attach_from_checkpoint,
     load_delta,
     save_delta,
 )
-from lightning_delta.core import Delta, DeltaConfig  # noqa: E402
-from lightning_delta.errors import (  # noqa: E402
+from lightning_delta.core import Delta, DeltaConfig
+from lightning_delta.errors import (
     CheckpointReadError,
     DeltaConfigError,
     DeltaError,
@@ -26,29 +24,30 @@ from lightning_delta.errors import (  # noqa: E402
     TargetError,
     UnsupportedModuleError,
 )
-from lightning_delta.export import export_peft, import_peft  # noqa: E402
-from lightning_delta.handle import DeltaModel, DeltaSummary, attach, trainable_parameters  # noqa: E402
-from lightning_delta.methods import METHODS, make_config  # noqa: E402
-from lightning_delta.methods.adalora import AdaLoraConfig, RankAllocator  # noqa: E402
-from lightning_delta.methods.adapter import AdapterConfig  # noqa: E402
-from lightning_delta.methods.bitfit import BitFitConfig  # noqa: E402
-from lightning_delta.methods.compacter import CompacterConfig  # noqa: E402
-from lightning_delta.methods.dora import DoraConfig  # noqa: E402
-from lightning_delta.methods.ia3 import IA3Config  # noqa: E402
-from lightning_delta.methods.layernorm import LayerNormConfig  # noqa: E402
-from lightning_delta.methods.loha import LohaConfig  # noqa: E402
-from lightning_delta.methods.lokr import LokrConfig  # noqa: E402
-from lightning_delta.methods.lora import LoraConfig  # noqa: E402
-from lightning_delta.methods.low_rank_adapter import LowRankAdapterConfig  # noqa: E402
-from lightning_delta.methods.new_tokens import NewTokensConfig  # noqa: E402
-from lightning_delta.methods.oft import OftConfig  # noqa: E402
-from lightning_delta.methods.parallel_adapter import ParallelAdapterConfig  # noqa: E402
-from lightning_delta.methods.peft_backend import PeftDeltaConfig  # noqa: E402
-from lightning_delta.methods.prefix import PrefixConfig  # noqa: E402
-from lightning_delta.methods.prompt import PromptConfig  # noqa: E402
-from lightning_delta.methods.vera import VeraConfig  # noqa: E402
-from lightning_delta.optim import param_groups  # noqa: E402
-from lightning_delta.targets import resolve_targets  # noqa: E402
+from lightning_delta.export import export_peft, import_peft
+from lightning_delta.handle import DeltaModel, DeltaSummary, attach, trainable_parameters
+from lightning_delta.methods import METHODS, make_config
+from lightning_delta.methods.adalora import AdaLoraConfig, RankAllocator
+from lightning_delta.methods.adapter import AdapterConfig
+from lightning_delta.methods.bitfit import BitFitConfig
+from lightning_delta.methods.compacter import CompacterConfig
+from lightning_delta.methods.dora import DoraConfig
+from lightning_delta.methods.ia3 import IA3Config
+from lightning_delta.methods.layernorm import LayerNormConfig
+from lightning_delta.methods.loha import LohaConfig
+from lightning_delta.methods.lokr import LokrConfig
+from lightning_delta.methods.lora import LoraConfig
+from lightning_delta.methods.low_rank_adapter import LowRankAdapterConfig
+from lightning_delta.methods.new_tokens import NewTokensConfig
+from lightning_delta.methods.oft import OftConfig
+from lightning_delta.methods.parallel_adapter import ParallelAdapterConfig
+from lightning_delta.methods.peft_backend import PeftDeltaConfig
+from lightning_delta.methods.prefix import PrefixConfig
+from lightning_delta.methods.prompt import PromptConfig
+from lightning_delta.methods.vera import VeraConfig
+from lightning_delta.optim import param_groups
+from lightning_delta.targets import resolve_targets
+from lightning_delta.version import __version__ as __version__
 
 _LIGHTNING_NAMES = {"DeltaCallback": "callback", "find_backbone": "callback",
                     "DeltaModelParallelStrategy": "strategies", "DeltaDeepSpeedStrategy": "strategies"}

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from lightning_delta import __version__
+from lightning_delta.version import __version__
 from lightning_delta.core import DeltaConfig, detach_delta
 from lightning_delta.errors import CheckpointReadError, DeltaStateError, NonFiniteError
 from lightning_delta.files import read_pair, write_pair

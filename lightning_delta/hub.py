@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_delta import __version__
+from lightning_delta.version import __version__
 from lightning_delta.handle import DeltaModel
 
 

@@ -30,7 +30,7 @@ NEGATIVE = (
 #: Each clause kind, its templates, and how the label follows from the adjectives: a plain opinion
 #: (the adjective's polarity), a negated one (the opposite), and a turn of opinion (the last clause
 #: decides; the first says the opposite). Words alone do not tell the label: a frozen sentence
-#: embedding with a linear head trails a tuned encoder on this set (see the README's quickstart figures).
+#: embedding with a linear head trails a tuned encoder on this set (see the README's set-up figures).
 PLAIN = (
     "{s} was {a}.", "I found {s} {a}.", "Honestly, {s} is {a} and {b}.", "In my opinion {s} felt {a}.",
     "{S} turned out {a}, really {b}.", "Everyone agreed that {s} was {a}.", "{S}? Simply {a}.",

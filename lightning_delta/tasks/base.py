@@ -123,7 +123,7 @@ class DeltaTask(pl.LightningModule):
                     f"{type(self).__name__} has no tensor-parallel plan for tensor_parallel_size="
                     f"{strategy.device_mesh['tensor_parallel'].size()}: override configure_model and call"
                     " lightning_delta.distributed.tensor_parallel(self, self.device_mesh['tensor_parallel'], plan)"
-                    " (see the README's 'Tensor parallelism'), or use tensor_parallel_size=1")
+                    " (see docs/distributed.md, 'Tensor parallelism'), or use tensor_parallel_size=1")
             shard(self, strategy.device_mesh["data_parallel"])
 
     @classmethod
