@@ -122,6 +122,11 @@ class DeltaConfig(abc.ABC):
     peft_module_prefix: ClassVar[str] = "base_model.model."
 
     @classmethod
+    def reads_peft(cls, settings: dict[str, Any]) -> bool:
+        """Whether an adapter with this ``adapter_config.json`` is this method (by default: its ``peft_type``)."""
+        return cls.peft_type is not None and str(settings.get("peft_type")) == cls.peft_type
+
+    @classmethod
     def from_peft(cls, settings: dict[str, Any], parts: dict[str, dict[str, torch.Tensor]],
                   name: str | None) -> DeltaConfig:
         """The config of a PEFT adapter of this method (the inverse of :meth:`peft_config`).

@@ -28,10 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_delta.core import iter_deltas
+from lightning_delta.core import detach_delta, iter_deltas
 from lightning_delta.errors import CheckpointReadError, DeltaConfigError, DeltaStateError
 from lightning_delta.files import read_pair, write_pair
 from lightning_delta.handle import DeltaModel
+from lightning_delta.methods import METHODS, peft_reader
 from lightning_delta.state import TRAINABLE_ATTR, canonical, load_into, state_tensors, trainable_module_names
 
 PEFT_CONFIG, PEFT_TENSORS = "adapter_config.json", "adapter_model.safetensors"
@@ -42,8 +43,6 @@ _PREFIX, _PROMPT_LEARNING_PREFIX = "base_model.model.", "base_model."
 
 def peft_methods() -> list[str]:
     """The registered methods :func:`export_peft` can write (those whose config implements ``peft_config``)."""
-    from lightning_delta.methods import METHODS
-
     return [name for name, cls in METHODS.items() if cls.exports_to_peft()]
 
 
@@ -166,13 +165,6 @@ def read_peft_dir(directory: str | Path) -> tuple[dict[str, Any], dict[str, torc
                                   f" ({PEFT_CONFIG} + {PEFT_TENSORS}): {err}") from err
 
 
-def peft_importers() -> dict[str, type]:
-    """The registered configs :func:`import_peft` reads natively, by PEFT's ``peft_type``."""
-    from lightning_delta.methods import METHODS
-
-    return {cls.peft_type: cls for cls in METHODS.values() if cls.peft_type}
-
-
 def _split(model: nn.Module, tensors: dict[str, torch.Tensor]):
     """An adapter's tensors sorted out against ``model``.
 
@@ -229,10 +221,8 @@ def import_peft(model: nn.Module, directory: str | Path, name: str | None = None
         DeltaConfigError: a PEFT option the method does not have (LoRA rank/alpha patterns, bias training, ...).
         DeltaStateError: the adapter does not fit ``model``; the model is left as it was.
     """
-    from lightning_delta.core import detach_delta
-
     settings, tensors = read_peft_dir(directory)
-    config_cls = peft_importers().get(settings.get("peft_type"))
+    config_cls = peft_reader(settings)
     if config_cls is None:
         return _import_through_peft(model, settings, tensors, name)
     parts, shared, backbone, heads = _split(model, tensors)

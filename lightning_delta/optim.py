@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_delta.core import DeltaConfig, iter_deltas
 from lightning_delta.handle import trainable_parameters
-from lightning_delta.methods import METHODS, default_lr
+from lightning_delta.methods import default_lr, peft_reader
 
 #: Delta tensors that are offsets, scales or embeddings rather than weight matrices: never decayed.
 NO_DECAY_METHODS = frozenset({"bitfit", "layernorm", "ia3", "prompt", "prefix", "new_tokens"})
@@ -28,11 +28,8 @@ def method_lr(config: DeltaConfig) -> float:
     """
     if config.lr is not None:
         return config.lr
-    peft_type = getattr(config, "peft", {}).get("peft_type")
-    for cls in METHODS.values():
-        if peft_type and cls.peft_type == str(peft_type):
-            return default_lr(cls)
-    return DEFAULT_LR
+    native = peft_reader(getattr(config, "peft", None) or {})
+    return default_lr(native) if native is not None else DEFAULT_LR
 
 
 def param_groups(

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lightning_delta import attach
-from lightning_delta.export import export_peft, import_peft
+from lightning_delta.export import export_peft, import_peft, peft_methods
 from models import family_inputs, family_output, inputs_and_labels, peft_finds_the_cache, tiny_bert, tiny_t5
 
 SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
@@ -159,3 +159,21 @@ def test_adapter_imported_through_peft_exports_back_in_its_own_format(tmp_path, 
     export_peft(model, tmp_path / "again")
     torch.testing.assert_close(family_output(peft_reference(base, tmp_path / "again"), inputs()), expected,
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", [m for m in peft_methods() if m != "peft"])  # "peft": PEFT's own config
+def test_every_exported_method_reads_back_as_itself(tmp_path, method):
+    """Each registered method that writes PEFT's format is the one method that reads it back (LoRA and DoRA
+    share PEFT's "LORA" and are told apart by ``use_dora``); a method with no ``peft_type`` is left to PEFT."""
+    import json
+
+    from lightning_delta.methods import METHODS, peft_reader
+
+    model = tiny_bert()
+    attach(model, method).freeze_backbone(trainable="classifier")
+    export_peft(model, tmp_path)
+    settings = json.loads((tmp_path / "adapter_config.json").read_text())
+    cls = METHODS[method]
+    assert peft_reader(settings) is (cls if cls.peft_type else None)
+    readers = [name for name, other in METHODS.items() if other.reads_peft(settings)]
+    assert readers == ([method] if cls.peft_type else [])

@@ -37,6 +37,12 @@ METHODS: dict[str, type[DeltaConfig]] = {
 }
 
 
+def peft_reader(settings: Mapping[str, Any]) -> type[DeltaConfig] | None:
+    """The registered method that reads a PEFT adapter with these settings (``adapter_config.json``; LoRA and
+    DoRA share ``peft_type`` "LORA", ``use_dora`` tells them apart), or ``None``: the PEFT backend's job."""
+    return next((cls for cls in METHODS.values() if cls.reads_peft(dict(settings))), None)
+
+
 def default_lr(cls: type[DeltaConfig]) -> float | None:
     """The default of a method config's ``lr``: the method's recommended rate (``None`` for the PEFT backend)."""
     return {f.name: f.default for f in dataclasses.fields(cls)}["lr"]

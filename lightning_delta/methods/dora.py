@@ -29,6 +29,10 @@ class DoraConfig(LoraConfig):
     lr: float = field(default=0.003, kw_only=True)  # benchmarks.quality --sweep (3 seeds)
     supported_types = "nn.Linear and transformers Conv1D"
 
+    @classmethod
+    def reads_peft(cls, settings):
+        return cls.peft_type == str(settings.get("peft_type")) and bool(settings.get("use_dora"))
+
     def validate(self) -> None:
         super().validate()
         self.check_range("init", self.init, self.init in ("default", "gaussian"),

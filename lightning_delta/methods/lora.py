@@ -96,14 +96,15 @@ class LoraConfig(DeltaConfig):
     peft_type = "LORA"
 
     @classmethod
-    def from_peft(cls, settings, parts, name):
-        from lightning_delta.methods.dora import DoraConfig
+    def reads_peft(cls, settings):
+        return super().reads_peft(settings) and not settings.get("use_dora")
 
+    @classmethod
+    def from_peft(cls, settings, parts, name):
         cls.refuse_peft_options(settings, {"rank_pattern": {}, "alpha_pattern": {}, "bias": "none"})
-        config_cls = DoraConfig if settings.get("use_dora") else LoraConfig
-        return config_cls(r=int(settings["r"]), alpha=float(settings["lora_alpha"]),
-                          dropout=float(settings.get("lora_dropout") or 0.0), rslora=bool(settings.get("use_rslora")),
-                          targets=sorted(parts), **({"name": name} if name else {}))
+        return cls(r=int(settings["r"]), alpha=float(settings["lora_alpha"]),
+                   dropout=float(settings.get("lora_dropout") or 0.0), rslora=bool(settings.get("use_rslora")),
+                   targets=sorted(parts), **({"name": name} if name else {}))
 
     def supports(self, module: nn.Module) -> bool:
         if isinstance(module, nn.Conv2d):
