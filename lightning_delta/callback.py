@@ -198,7 +198,8 @@ class DeltaCallback(Callback):
             return self._trainable
         return tuple(new_modules(backbone))
 
-    def _backbone_exists(self, pl_module: nn.Module) -> bool:
+    def has_backbone(self, pl_module: nn.Module) -> bool:
+        """Whether ``pl_module`` holds the backbone yet (tasks may build it in ``configure_model``)."""
         try:
             self.backbone_path(pl_module)
         except DeltaConfigError:
@@ -207,7 +208,7 @@ class DeltaCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not self._backbone_exists(pl_module) and is_overridden("configure_model", pl_module):
+        if not self.has_backbone(pl_module) and is_overridden("configure_model", pl_module):
             # The backbone is built in configure_model, after this hook: attach right after it,
             # before the strategy shards and wraps the model.
             AttachAfterConfigureModel.install(pl_module, self)

@@ -20,7 +20,9 @@ from torch import nn
 from lightning_delta.checkpoint import META_KEY, load_delta, save_delta
 from lightning_delta.errors import DeltaConfigError, DeltaStateError
 from lightning_delta.handle import DeltaModel, attach
+from lightning_delta.method_switch import switch_method
 from lightning_delta.state import read_checkpoint
+from lightning_delta.user_errors import fail, user_errors
 
 COMMANDS = ("export", "merge", "inspect")
 
@@ -108,7 +110,7 @@ def merge(ckpt_path: str, out: str, model: str | None = None) -> Path:
 def _inspect_model(args: argparse.Namespace) -> nn.Module:
     if args.config:
         from lightning_delta.callback import DeltaCallback
-        from lightning_delta.cli import DeltaCLI, switch_method
+        from lightning_delta.lightning_cli import DeltaCLI
 
         argv, sys.argv = sys.argv, sys.argv[:1]  # arguments come from args alone: no "args and argv" warning
         try:
@@ -116,7 +118,7 @@ def _inspect_model(args: argparse.Namespace) -> nn.Module:
         finally:
             sys.argv = argv
         (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, DeltaCallback)]
-        if not callback._backbone_exists(cli.model):
+        if not callback.has_backbone(cli.model):
             cli.model.configure_model()
         callback.attach(cli.model)
         return cli.model
@@ -188,8 +190,6 @@ def parser() -> argparse.ArgumentParser:
 
 def run(argv: list[str], debug: bool = False) -> int:
     """Runs one of ``export``, ``merge``, ``inspect``; a user's mistake prints one short block and exits 2."""
-    from lightning_delta.cli import _expected_errors, fail
-
     args = parser().parse_args(argv)
     try:
         if args.command == "export":
@@ -199,7 +199,7 @@ def run(argv: list[str], debug: bool = False) -> int:
             print(f"wrote {merge(args.ckpt, args.out, args.model)}")
         else:
             inspect(args)
-    except _expected_errors() as err:
+    except user_errors() as err:
         if debug:
             raise
         fail(args.command, err)
