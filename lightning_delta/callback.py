@@ -22,7 +22,8 @@ from lightning_delta.checkpoint_io import AtomicCheckpointIO
 from lightning_delta.checkpointing import enable_checkpointing
 from lightning_delta.checkpoint import META_KEY, DeltaCheckpointHooks, checkpoint_metadata, spec_differences
 from lightning_delta.core import DeltaConfig, detach_delta
-from lightning_delta.distributed import AttachAfterConfigureModel, install_wrap_policy
+from lightning_delta.configure_model import AttachAfterConfigureModel
+from lightning_delta.distributed import install_wrap_policy
 from lightning_delta.errors import DeltaConfigError, DeltaStateError, NonFiniteError
 from lightning_delta.handle import DeltaModel, ensure_attached, to_configs
 from lightning_delta.hf_compat import new_modules
@@ -191,6 +192,11 @@ class DeltaCallback(Callback):
             whole += " (newly initialized: not in the checkpoint)"
         rank_zero_info(f"lightning_delta: {handle.summary()}" + (f"; trained whole: {whole}" if whole else ""))
         return handle
+
+    def attach_before_sharding(self, pl_module: nn.Module) -> nn.Module:
+        """Attaches (once) and returns the backbone: :func:`~lightning_delta.distributed.shard` calls it first."""
+        self.attach(pl_module)
+        return pl_module.get_submodule(self.backbone_path(pl_module))
 
     def trainable_patterns(self, backbone: nn.Module) -> tuple[str, ...]:
         """The modules of ``backbone`` trained whole: those named, else the ones loaded without weights."""

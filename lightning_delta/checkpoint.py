@@ -17,13 +17,12 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from lightning_delta.version import __version__
 from lightning_delta.core import DeltaConfig, detach_delta
 from lightning_delta.errors import CheckpointReadError, DeltaStateError, NonFiniteError
+from lightning_delta.export import import_peft
 from lightning_delta.files import read_pair, write_pair
 from lightning_delta.handle import DeltaModel, ensure_attached
 from lightning_delta.methods import config_from_dict
-from lightning_delta.targets import normalize_patterns
 from lightning_delta.state import (
     TRAINABLE_ATTR,
     check_fit,
@@ -36,6 +35,8 @@ from lightning_delta.state import (
     state_tensors,
     unowned_trainable_keys,
 )
+from lightning_delta.targets import normalize_patterns
+from lightning_delta.version import __version__
 
 #: Key of the delta record in a Lightning checkpoint dict.
 META_KEY = "lightning_delta"
@@ -285,8 +286,6 @@ def load_delta(
     if isinstance(checkpoint, Mapping):
         ckpt = checkpoint
     elif Path(checkpoint).is_dir() and (Path(checkpoint) / "adapter_config.json").is_file():
-        from lightning_delta.export import import_peft
-
         import_peft(model.get_submodule(module) if module else model, checkpoint)
         return model
     elif Path(checkpoint).is_dir():

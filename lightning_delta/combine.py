@@ -28,6 +28,7 @@ from torch import nn
 
 from lightning_delta.core import AttachedDelta, attach_config, iter_deltas
 from lightning_delta.errors import DeltaConfigError
+from lightning_delta.methods.lora import LoraConfig
 
 COMBINATIONS = ("cat", "linear", "svd", "ties", "dare")
 
@@ -136,8 +137,6 @@ def combine_lora(
     Raises:
         DeltaConfigError: bad arguments, non-LoRA or merged sources, or sources on different targets.
     """
-    from lightning_delta.methods.lora import LoraConfig
-
     weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
     by_name = _check(model, names, weights, how, density, name)
     sources = [by_name[n] for n in names]

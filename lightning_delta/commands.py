@@ -17,19 +17,23 @@ from typing import Any
 
 from torch import nn
 
+from lightning_delta.callback import DeltaCallback
 from lightning_delta.checkpoint import META_KEY, load_delta, save_delta
 from lightning_delta.errors import DeltaConfigError, DeltaStateError
+from lightning_delta.export import export_peft
 from lightning_delta.handle import DeltaModel, attach
+from lightning_delta.hf_compat import load_pretrained
+from lightning_delta.lightning_cli import DeltaCLI
 from lightning_delta.method_switch import switch_method
 from lightning_delta.state import read_checkpoint
+from lightning_delta.tasks.sources import resolve_source
+from lightning_delta.tree import model_tree, render_plain, render_rich
 from lightning_delta.user_errors import fail, user_errors
 
 COMMANDS = ("export", "merge", "inspect")
 
 
 def _source_name(ckpt: Mapping[str, Any], model: str | None) -> str:
-    from lightning_delta.tasks.sources import resolve_source
-
     if model:
         return resolve_source(model)
     hparams = ckpt.get("hyper_parameters") or {}
@@ -65,16 +69,12 @@ def backbone_for(ckpt: Mapping[str, Any], model: str | None = None) -> tuple[nn.
                               " in Python and use lightning_delta.load_delta(model, ckpt)")
     recorded = meta.get("backbone_config")
     kwargs = {"config": cls.config_class.from_dict(recorded)} if recorded else {}
-    from lightning_delta.hf_compat import load_pretrained
-
     # quietly: a head "newly initialized" here comes from the delta checkpoint next
     return load_pretrained(cls, name, **kwargs).eval(), name
 
 
 def export(ckpt_path: str, to: str, directory: str, model: str | None = None, name: str | None = None) -> Path:
     """Writes a checkpoint's delta as a PEFT adapter (``to="peft"``) or a :func:`save_delta` folder (``"delta"``)."""
-    from lightning_delta.export import export_peft
-
     ckpt = read_checkpoint(ckpt_path)
     backbone, _ = backbone_for(ckpt, model)
     load_delta(backbone, ckpt)
@@ -109,9 +109,6 @@ def merge(ckpt_path: str, out: str, model: str | None = None) -> Path:
 
 def _inspect_model(args: argparse.Namespace) -> nn.Module:
     if args.config:
-        from lightning_delta.callback import DeltaCallback
-        from lightning_delta.lightning_cli import DeltaCLI
-
         argv, sys.argv = sys.argv, sys.argv[:1]  # arguments come from args alone: no "args and argv" warning
         try:
             cli = DeltaCLI(args=["--config", args.config, *switch_method(args.overrides)], run=False)
@@ -124,11 +121,7 @@ def _inspect_model(args: argparse.Namespace) -> nn.Module:
         return cli.model
     import transformers
 
-    from lightning_delta.tasks.sources import resolve_source
-
     cls = getattr(transformers, args.auto_class)
-    from lightning_delta.hf_compat import load_pretrained
-
     model = load_pretrained(cls, resolve_source(args.model))
     attach(model, args.method, targets=args.targets or None).freeze_backbone(args.trainable)
     return model
@@ -136,8 +129,6 @@ def _inspect_model(args: argparse.Namespace) -> nn.Module:
 
 def inspect(args: argparse.Namespace) -> None:
     """Prints the model tree (rich in a terminal, plain text when piped, JSON with ``--json``)."""
-    from lightning_delta.tree import model_tree, render_plain, render_rich
-
     model = _inspect_model(args)
     tree = model_tree(model)
     summary = DeltaModel(model).summary()

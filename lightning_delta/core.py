@@ -24,6 +24,7 @@ from torch import nn
 
 from lightning_delta.errors import DeltaConfigError, DeltaError, DeltaStateError, MergeError, UnsupportedModuleError
 from lightning_delta.targets import ATTENTION_PRESETS, normalize_patterns, preset, resolve_targets
+from lightning_delta.tensors import is_quantized
 
 _COMMON_FIELDS = ("targets", "exclude", "name", "delta_dtype", "lr")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -201,6 +202,7 @@ class Delta(nn.Module):
     and, where the method allows, :meth:`merge` / :meth:`unmerge`.
     """
 
+    is_delta: ClassVar[bool] = True  #: how :func:`~lightning_delta.targets.is_delta` tells a delta from the backbone
     mergeable: ClassVar[bool] = False
     #: whether the delta can apply to some rows of a batch only (:meth:`DeltaModel.mixed_batch`)
     row_selectable: ClassVar[bool] = False
@@ -314,8 +316,6 @@ class Delta(nn.Module):
 
     def merge_blocker(self, target: nn.Module) -> str | None:
         """Why this delta cannot be merged into ``target``, or ``None`` if it can (not into a 4-bit weight)."""
-        from lightning_delta.quantize import is_quantized
-
         if not self.mergeable:
             return f"{self.config.method!r} has no merge"
         weight = getattr(target, "weight", None)

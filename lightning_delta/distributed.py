@@ -1,13 +1,12 @@
-"""Deltas across processes: attach before sharding, FSDP2 sharding, delta-only FSDP2 checkpoints,
-tensor parallelism with LoRA on column- and row-parallel linears, and an FSDP1 auto-wrap policy
-that gives delta modules units of their own.
+"""Deltas across processes: FSDP2 sharding (each delta a unit of its own), tensor parallelism with LoRA on
+column- and row-parallel linears, the full/local tensors of delta-only FSDP2 checkpoints, and an FSDP1
+auto-wrap policy that gives delta modules units of their own.
 
-With FSDP2 (Lightning's ``ModelParallelStrategy``) the backbone is built in
-``configure_model``, after ``Callback.setup``. ``DeltaCallback`` then wraps ``configure_model``
-(:class:`AttachAfterConfigureModel`): after the user's code builds the backbone it attaches the
-deltas and, if the model is not sharded yet, calls :func:`shard`. A ``configure_model`` that
-shards by itself should call :func:`shard` instead of ``fully_shard``; one that applies a tensor
-parallel plan should call :func:`tensor_parallel` instead of ``parallelize_module``.
+With FSDP2 (Lightning's ``ModelParallelStrategy``) the backbone is built in ``configure_model``, after
+``Callback.setup``; ``DeltaCallback`` attaches right after it
+(:mod:`lightning_delta.configure_model`) and, if the model is not sharded yet, calls :func:`shard`. A
+``configure_model`` that shards by itself should call :func:`shard` instead of ``fully_shard``; one that
+applies a tensor parallel plan should call :func:`tensor_parallel` instead of ``parallelize_module``.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from torch import nn
 
 from lightning_delta.core import Delta, iter_deltas
 from lightning_delta.errors import DeltaConfigError
+from lightning_delta.methods.lora import LoRALinear
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
@@ -44,11 +44,10 @@ def is_sharded(module: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
 
 
-def _delta_callbacks(module: nn.Module) -> list[Any]:
-    from lightning_delta.callback import DeltaCallback
-
+def _attachers(module: nn.Module) -> list[Any]:
+    """The callbacks of ``module``'s Trainer that attach deltas before sharding (``DeltaCallback``)."""
     trainer = getattr(module, "_trainer", None)
-    return [c for c in getattr(trainer, "callbacks", ()) if isinstance(c, DeltaCallback)]
+    return [c for c in getattr(trainer, "callbacks", ()) if callable(getattr(c, "attach_before_sharding", None))]
 
 
 def shard(module: nn.Module, mesh: Any = None, *, reshard_after_forward: bool = True) -> None:
@@ -60,8 +59,9 @@ def shard(module: nn.Module, mesh: Any = None, *, reshard_after_forward: bool = 
     gradients nor optimizer state.
 
     Args:
-        module: a LightningModule (its ``DeltaCallback`` deltas are attached first) or any module
-            that already holds its deltas.
+        module: a LightningModule (the deltas of its Trainer's ``DeltaCallback`` are attached first: any
+            callback with an ``attach_before_sharding(module) -> backbone`` method) or any module that
+            already holds its deltas.
         mesh: the device mesh to shard over, e.g. ``self.device_mesh["data_parallel"]``.
         reshard_after_forward: passed to ``fully_shard``.
     """
@@ -74,9 +74,8 @@ def shard(module: nn.Module, mesh: Any = None, *, reshard_after_forward: bool = 
             " parallelism (a 2-D mesh) is not supported. Use data_parallel_size=1 with tensor_parallel(...),"
             " or fully_shard only (shard(...))")
     roots: list[nn.Module] = []
-    for callback in _delta_callbacks(module):
-        callback.attach(module)
-        roots.append(module.get_submodule(callback.backbone_path(module)))
+    for callback in _attachers(module):
+        roots.append(callback.attach_before_sharding(module))
     kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     for d in iter_deltas(module):
         fully_shard(d.module, **kwargs)
@@ -84,52 +83,6 @@ def shard(module: nn.Module, mesh: Any = None, *, reshard_after_forward: bool = 
         for block in repeated_blocks(root):
             fully_shard(block, **kwargs)
         fully_shard(root, **kwargs)
-
-
-class AttachAfterConfigureModel:
-    """Stands in for a LightningModule's ``configure_model``: runs it, then attaches and shards.
-
-    Installed by ``DeltaCallback.setup`` when the backbone does not exist yet. Lightning sees the
-    original method through ``__wrapped__``, so it still counts as overridden.
-    """
-
-    def __init__(self, configure_model: Callable[[], None], callback: Any) -> None:
-        self.__wrapped__ = configure_model
-        self.callback = callback
-
-    @classmethod
-    def install(cls, pl_module: nn.Module, callback: Any) -> None:
-        current = pl_module.configure_model
-        if not isinstance(current, cls):
-            pl_module.configure_model = cls(current, callback)
-
-    def __call__(self) -> None:
-        pl_module = self.__wrapped__.__self__
-        self.__wrapped__()
-        if not list(iter_deltas(pl_module)) and _fully_sharded(pl_module):
-            raise DeltaConfigError(
-                f"{type(pl_module).__name__}.configure_model sharded the model before DeltaCallback could attach"
-                " its deltas. Call lightning_delta.distributed.shard(self, mesh) there instead of fully_shard"
-                " (it attaches, then shards), or only build the model and let DeltaCallback shard it."
-            )
-        self.callback.attach(pl_module)
-        distribute_deltas(pl_module)  # deltas attached after a tensor-parallel plan: lay them out like it
-        strategy = pl_module.trainer.strategy
-        if _is_model_parallel(strategy) and not is_sharded(pl_module):
-            shard(pl_module, strategy.device_mesh["data_parallel"])
-
-
-def _fully_sharded(module: nn.Module) -> bool:
-    """Whether FSDP2 sharded ``module`` or a submodule (a tensor-parallel plan alone does not count)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in module.modules())
-
-
-def _is_model_parallel(strategy: Any) -> bool:
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    return isinstance(strategy, ModelParallelStrategy)
 
 
 # -- tensor parallelism --------------------------------------------------------------------------
@@ -163,8 +116,8 @@ def tensor_parallel(module: nn.Module, mesh: Any, plan: dict[str, Any]) -> nn.Mo
     """
     from torch.distributed.tensor.parallel import parallelize_module
 
-    for callback in _delta_callbacks(module):
-        callback.attach(module)
+    for callback in _attachers(module):
+        callback.attach_before_sharding(module)
     if getattr(mesh, "ndim", 1) != 1:
         raise DeltaConfigError(f"tensor_parallel needs a 1-D mesh, got {mesh.ndim} dimensions:"
                                " pass device_mesh['tensor_parallel']")
@@ -215,8 +168,6 @@ def distribute_deltas(module: nn.Module) -> None:
     Raises :class:`DeltaConfigError` for any other delta on a parallelized module, naming it and the fix.
     """
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-
-    from lightning_delta.methods.lora import LoRALinear
 
     for d in iter_deltas(module):
         where = _tp_ancestor(module, d.target_path)

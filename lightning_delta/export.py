@@ -33,6 +33,7 @@ from lightning_delta.errors import CheckpointReadError, DeltaConfigError, DeltaS
 from lightning_delta.files import read_pair, write_pair
 from lightning_delta.handle import DeltaModel
 from lightning_delta.methods import METHODS, peft_reader
+from lightning_delta.methods.peft_backend import PeftDeltaConfig, _require_peft
 from lightning_delta.state import TRAINABLE_ATTR, canonical, load_into, state_tensors, trainable_module_names
 
 PEFT_CONFIG, PEFT_TENSORS = "adapter_config.json", "adapter_model.safetensors"
@@ -111,8 +112,6 @@ def export_peft(model: nn.Module, directory: str | Path, name: str | None = None
     if not type(handle.configs[name]).exports_to_peft():
         raise DeltaConfigError(f"PEFT has no equivalent of {method!r}; exportable methods: {peft_methods()}")
     import tempfile
-
-    from lightning_delta.methods.peft_backend import _require_peft
 
     _require_peft()  # before anything is written
     config, tensors = _peft_config(model, name), _tensors(model, name)
@@ -250,9 +249,6 @@ def import_peft(model: nn.Module, directory: str | Path, name: str | None = None
 def _import_through_peft(model: nn.Module, peft_config: dict[str, Any], tensors: dict[str, torch.Tensor],
                          name: str | None) -> DeltaModel:
     """A PEFT adapter without a native equivalent, injected by PEFT and handled like a native delta."""
-    from lightning_delta.core import detach_delta
-    from lightning_delta.methods.peft_backend import PeftDeltaConfig, _require_peft
-
     peft = _require_peft()
     # trainable, and no task type: PEFT would wrap a classifier head (modules_to_save) and rename its
     # tensors; the head loads into the backbone as it is, like the native path

@@ -15,9 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_delta.combine import combine_lora
 from lightning_delta.core import AttachedDelta, DeltaConfig, attach_config, check_merge, detach_delta, iter_deltas
 from lightning_delta.errors import DeltaConfigError
 from lightning_delta.methods import make_config
+from lightning_delta.methods.peft_backend import PeftDeltaConfig
 from lightning_delta.state import (
     TRAINABLE_ATTR,
     delta_owners,
@@ -66,8 +68,6 @@ def to_configs(
     ``peft_config`` (a ``peft.PeftConfig``) stands for ``method``: it becomes a :class:`PeftDeltaConfig`.
     """
     if peft_config is not None:
-        from lightning_delta.methods.peft_backend import PeftDeltaConfig
-
         if method is not None or targets is not None or hparams:
             raise DeltaConfigError(
                 "peft_config replaces method, targets and hyper-parameters (PEFT's config carries them);"
@@ -247,8 +247,6 @@ class DeltaModel:
     def combine(self, names: Sequence[str], weights: Sequence[float] | None = None, *, name: str,
                 how: str = "cat", rank: int | None = None, density: float = 0.5, seed: int = 0) -> DeltaModel:
         """Attaches LoRA delta ``name`` combining LoRA deltas ``names``: see :mod:`lightning_delta.combine`."""
-        from lightning_delta.combine import combine_lora
-
         combine_lora(self.model, names, weights, name=name, how=how, rank=rank, density=density, seed=seed)
         return self
 

@@ -15,6 +15,8 @@ from typing import Any
 
 from torch import nn
 
+from lightning_delta.errors import ModelLoadError
+
 #: What a forward may call its key/value cache, newest name first.
 CACHE_ARGUMENTS = ("cache", "past_key_values")
 
@@ -55,8 +57,6 @@ def load_pretrained(cls: Any, source: str, **kwargs: Any) -> Any:
     a :class:`~lightning_delta.errors.ModelLoadError` naming ``source`` and the fix when it cannot be found.
     A model records the modules the checkpoint lacked (:func:`new_modules`): ``DeltaCallback`` trains them."""
     import os
-
-    from lightning_delta.errors import ModelLoadError
 
     with quiet_loading():
         try:

@@ -16,8 +16,9 @@ from typing import Any
 
 from torch import nn
 
-from lightning_delta.version import __version__
+from lightning_delta.export import export_peft
 from lightning_delta.handle import DeltaModel
+from lightning_delta.version import __version__
 
 
 def _targets(paths: list[str]) -> str:
@@ -98,8 +99,6 @@ def push_to_hub(
         DeltaConfigError: the delta has no PEFT equivalent (see :func:`~lightning_delta.export.export_peft`),
             raised before anything is uploaded.
     """
-    from lightning_delta.export import export_peft
-
     if api is None:
         from huggingface_hub import HfApi
 

@@ -20,6 +20,8 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from lightning_delta.core import iter_deltas
+from lightning_delta.handle import DeltaModel
+from lightning_delta.state import TRAINABLE_ATTR
 from lightning_delta.targets import candidate_modules
 
 
@@ -96,9 +98,6 @@ class KeepDeltasThroughLayerSwap:
         self.backbone_path = backbone_path
 
     def __call__(self, module: nn.Module) -> nn.Module:
-        from lightning_delta.handle import DeltaModel
-        from lightning_delta.state import TRAINABLE_ATTR
-
         placed = [(d, module.get_submodule(d.target_path)) for d in iter_deltas(module)]
         module = self.convert_module(module)
         for d, old in placed:

@@ -37,18 +37,12 @@ import torch
 from torch import nn
 
 from lightning_delta.errors import UnsupportedModuleError
-from lightning_delta.targets import candidate_modules, head_names, matches, normalize_patterns
+from lightning_delta.state import TRAINABLE_ATTR, delta_owners, trainable_module_names
+from lightning_delta.targets import candidate_modules, head_names, is_delta, matches, normalize_patterns
+from lightning_delta.tensors import QUANTIZED_TYPES, is_quantized  # noqa: F401  (public here too)
+
 
 #: Names of tensor subclasses that hold a weight in packed low-bit form (torchao; bitsandbytes).
-QUANTIZED_TYPES = frozenset({"NF4Tensor", "Params4bit", "Int8Params"})
-
-
-def is_quantized(tensor: Any) -> bool:
-    """Whether ``tensor`` is a quantized weight (torchao's ``NF4Tensor``, bitsandbytes' 4-/8-bit
-    parameters); checked without importing either library."""
-    return type(tensor).__name__ in QUANTIZED_TYPES
-
-
 def _torchao_nf4() -> Any:
     """torchao's NF4 module (moved from ``torchao.dtypes.nf4tensor`` in 0.18)."""
     try:
@@ -103,18 +97,14 @@ class NF4Linear(nn.Linear):
 
 
 def _residual_delta(module: nn.Module) -> str | None:
-    from lightning_delta.core import Delta
-
     for name, child in module.named_children():
-        if isinstance(child, Delta) and child.weight_offset() is not None:
+        if is_delta(child) and child.weight_offset() is not None:
             return name
     return None
 
 
 def nf4_candidates(model: nn.Module, skip: str | Iterable[str] = (), head: bool = False) -> list[str]:
     """Dotted names of the ``nn.Linear`` layers :func:`quantize_nf4` quantizes (see there)."""
-    from lightning_delta.state import TRAINABLE_ATTR, delta_owners, trainable_module_names
-
     skip = normalize_patterns(skip)
     recorded = getattr(model, TRAINABLE_ATTR, None)  # set by freeze_backbone
     keep_float = list(delta_owners(model)) + trainable_module_names(model, recorded or ())

@@ -20,8 +20,9 @@ from torch import nn
 
 from lightning_delta.core import iter_deltas
 from lightning_delta.errors import CheckpointReadError, DeltaStateError, TargetError
-from lightning_delta.quantize import is_quantized
+from lightning_delta.methods.peft_backend import peft_adapter_modules
 from lightning_delta.targets import candidate_modules, matches
+from lightning_delta.tensors import is_quantized
 
 #: Attribute of a model that records its ``trainable`` module patterns.
 TRAINABLE_ATTR = "_lightning_delta_trainable"
@@ -66,8 +67,6 @@ def _under(key: str, paths: Iterable[str]) -> bool:
 
 def delta_owners(model: nn.Module) -> list[str]:
     """Paths of the modules whose tensors are delta tensors: our deltas and PEFT's adapter parts."""
-    from lightning_delta.methods.peft_backend import peft_adapter_modules
-
     return [d.path for d in iter_deltas(model)] + [path for path, _ in peft_adapter_modules(model)]
 
 
@@ -89,8 +88,6 @@ def kept_keys(model: nn.Module, names: Collection[str] | None = None,
     patterns = getattr(model, TRAINABLE_ATTR, ()) if trainable is None else trainable
     modules = trainable_module_names(model, patterns)
     if names is not None:
-        from lightning_delta.methods.peft_backend import peft_adapter_modules
-
         owners = [d.path for d in iter_deltas(model) if d.name in names]
         owners += [f"{part}.{name}" for part, _ in peft_adapter_modules(model) for name in names]
         return {key for key in state_tensors(model) if _under(key, owners + modules)}

@@ -190,15 +190,18 @@ def model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
+def is_delta(module: nn.Module) -> bool:
+    """Whether ``module`` is a delta (an instance of :class:`~lightning_delta.core.Delta`, which says so)."""
+    return getattr(type(module), "is_delta", False) is True
+
+
 def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Named submodules that may be targets: all but the root, deltas and anything inside a delta."""
-    from lightning_delta.core import Delta  # the base class lives above this layer
-
     skip: list[str] = []
     for name, module in model.named_modules():
         if not name or any(name == s or name.startswith(s + ".") for s in skip):
             continue
-        if isinstance(module, Delta):
+        if is_delta(module):
             skip.append(name)
             continue
         yield name, module

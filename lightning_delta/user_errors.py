@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
+from lightning_delta.errors import DeltaError
+
 #: Shows the full traceback instead of the short block (the flag on the command line, or the variable set).
 DEBUG_FLAG, DEBUG_ENV = "--debug", "LIGHTNING_DELTA_DEBUG"
 
@@ -12,8 +14,6 @@ DEBUG_FLAG, DEBUG_ENV = "--debug", "LIGHTNING_DELTA_DEBUG"
 def user_errors() -> tuple[type[BaseException], ...]:
     """Failures that are the user's to fix (arguments, files, offline models): shown as one short block."""
     from argparse import ArgumentError
-
-    from lightning_delta.errors import DeltaError
 
     errors: list[type[BaseException]] = [DeltaError, ArgumentError, OSError, ValueError, ImportError]
     try:
@@ -38,8 +38,6 @@ def message(err: BaseException) -> str:
 def cause(err: BaseException) -> BaseException:
     """The error to show: the library's own one where jsonargparse or Lightning wrapped it, else ``err``
     (or what a "does not validate" wrapper was caused by)."""
-    from lightning_delta.errors import DeltaError
-
     chain, seen = [], err
     while seen is not None and seen not in chain:
         chain.append(seen)

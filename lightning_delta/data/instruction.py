@@ -16,8 +16,10 @@ from typing import Any
 import torch
 from typing_extensions import override
 
+from lightning_delta.core import iter_deltas
 from lightning_delta.data.sources import require_columns
 from lightning_delta.data.text import _TokenizedData
+from lightning_delta.hf_compat import mask_attention_implementations
 
 IGNORE_INDEX = -100
 
@@ -152,8 +154,6 @@ class InstructionData(_TokenizedData):
             return
         from transformers import PreTrainedModel
 
-        from lightning_delta.hf_compat import mask_attention_implementations
-
         for module in model.modules():
             if isinstance(module, PreTrainedModel):
                 implementation = getattr(module.config, "_attn_implementation", None)
@@ -171,8 +171,6 @@ class InstructionData(_TokenizedData):
         model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
         if model is None:
             return
-        from lightning_delta.core import iter_deltas
-
         rewriting = sorted({d.module.config.method for d in iter_deltas(model)} & {"prompt", "prefix"})
         if rewriting:
             raise ValueError(

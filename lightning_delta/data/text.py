@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_delta.data.sources import load_splits, require_columns
+from lightning_delta.hf_compat import load_pretrained
 from lightning_delta.tasks.sources import resolve_source
 
 SPLITS = ("train", "validation", "test")
@@ -61,8 +62,6 @@ class _TokenizedData(pl.LightningDataModule):
 
     def load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
-
-        from lightning_delta.hf_compat import load_pretrained
 
         return load_pretrained(AutoTokenizer, self.tokenizer_source())
 

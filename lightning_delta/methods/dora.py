@@ -17,7 +17,7 @@ from torch import nn
 
 from lightning_delta.core import as_shape
 from lightning_delta.methods.lora import LoraConfig, LoRALinear
-from lightning_delta.quantize import is_quantized
+from lightning_delta.tensors import is_quantized
 from lightning_delta.targets import is_linear_like
 
 

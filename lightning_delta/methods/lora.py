@@ -37,7 +37,7 @@ from torch import nn
 from lightning_delta.core import Delta, DeltaConfig, as_shape, fill_, kaiming_
 from lightning_delta.errors import UnsupportedModuleError
 from lightning_delta.methods.fused_lora import lora_branch
-from lightning_delta.quantize import is_quantized
+from lightning_delta.tensors import is_quantized
 from lightning_delta.targets import is_linear_like
 
 #: ``init`` values; the last two replace the frozen weight by a residual at attach.

@@ -9,6 +9,7 @@ from typing import ClassVar
 import torch
 
 from lightning_delta.core import Delta, WholeModelConfig
+from lightning_delta.errors import DeltaStateError
 
 
 @dataclass
@@ -53,8 +54,6 @@ class VirtualTokens(Delta):
     def load_peft_state(self, parts, shared):
         """PEFT's ``prompt_embeddings``: ``num_virtual_tokens`` rows, or twice that for an encoder-decoder
         (``num_transformer_submodules=2``), of which PEFT's forward uses the first ``num_virtual_tokens``."""
-        from lightning_delta.errors import DeltaStateError
-
         stored = shared.get("prompt_embeddings")
         n, width = self.embedding.shape
         if stored is None or stored.dim() != 2 or stored.shape[1] != width or stored.shape[0] not in (n, 2 * n):

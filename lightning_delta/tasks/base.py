@@ -13,7 +13,9 @@ from lightning_delta.checkpoint import META_KEY, attach_from_checkpoint
 from lightning_delta.checkpointing import enable_checkpointing
 from lightning_delta.distributed import is_sharded, shard
 from lightning_delta.errors import DeltaConfigError
+from lightning_delta.hf_compat import load_pretrained
 from lightning_delta.optim import param_groups
+from lightning_delta.state import read_checkpoint
 from lightning_delta.tasks.sources import resolve_source
 
 
@@ -88,8 +90,6 @@ class DeltaTask(pl.LightningModule):
         returns eval mode; Lightning switches modes per stage from there)."""
         import transformers
 
-        from lightning_delta.hf_compat import load_pretrained
-
         return load_pretrained(getattr(transformers, auto_class), self.source, **kwargs).train()
 
     @override
@@ -135,8 +135,6 @@ class DeltaTask(pl.LightningModule):
         Raises:
             CheckpointReadError: a missing, torn or non-checkpoint file, or one that needs unpickling.
         """
-        from lightning_delta.state import read_checkpoint
-
         if weights_only and isinstance(checkpoint_path, (str, os.PathLike)) and "://" not in str(checkpoint_path):
             read_checkpoint(checkpoint_path)  # the library's own checks and errors, before Lightning reads it
         return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
