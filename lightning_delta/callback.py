@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.plugins.precision import BitsandbytesPrecision, HalfPrecision
@@ -14,20 +15,19 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-import torch
 from torch import nn
 from typing_extensions import override
 
+from lightning_delta.checkpoint import META_KEY, DeltaCheckpointHooks, checkpoint_metadata, spec_differences
 from lightning_delta.checkpoint_io import AtomicCheckpointIO
 from lightning_delta.checkpointing import enable_checkpointing
-from lightning_delta.checkpoint import META_KEY, DeltaCheckpointHooks, checkpoint_metadata, spec_differences
-from lightning_delta.core import DeltaConfig, detach_delta
 from lightning_delta.configure_model import AttachAfterConfigureModel
+from lightning_delta.core import DeltaConfig
 from lightning_delta.distributed import install_wrap_policy
+from lightning_delta.engine import detach_delta
 from lightning_delta.errors import DeltaConfigError, DeltaStateError, NonFiniteError
 from lightning_delta.handle import DeltaModel, ensure_attached, to_configs
 from lightning_delta.hf_compat import new_modules
-from lightning_delta.methods.adalora import RankAllocator
 from lightning_delta.precision import KeepDeltasThroughLayerSwap, KeepTrainableFp32
 from lightning_delta.state import (
     TRAINABLE_ATTR,
@@ -136,8 +136,8 @@ class DeltaCallback(Callback):
         self._active = None if active is None else list(normalize_patterns(active))
         self._check_finite = check_finite
         self._trained: list | None = None  # what check_finite watches, found at the first optimizer step
-        self._allocators: dict[str, RankAllocator] = {}
-        self._allocator_state: dict[str, Any] = {}
+        self._hooks: dict[str, Any] = {}  # per-run training hooks of the deltas (AdaLoRA's rank allocator)
+        self._hook_state: dict[str, Any] = {}
         self._last_step = -1
 
     @property
@@ -251,48 +251,42 @@ class DeltaCallback(Callback):
                 " or '16-mixed' (fp16 compute with loss scaling)."
             )
 
-    # -- AdaLoRA: rank allocation on the Trainer's step counter -----------------------------------------
+    # -- methods' own training hooks (AdaLoRA: rank allocation on the Trainer's step counter) ----------
     @property
-    def allocators(self) -> dict[str, RankAllocator]:
-        """The AdaLoRA rank allocators of this run, by delta name (empty before training starts)."""
-        return dict(self._allocators)
+    def allocators(self) -> dict[str, Any]:
+        """The training hooks of this run by delta name, e.g. AdaLoRA's rank allocators (empty before training)."""
+        return dict(self._hooks)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trained = None
         backbone = pl_module.get_submodule(self.backbone_path(pl_module))
-        self._allocators = {}
+        self._hooks = {}
         for name, config in DeltaModel(backbone).configs.items():
-            if config.method == "adalora":
-                total = config.total_step or trainer.estimated_stepping_batches
-                if total == float("inf"):
-                    raise DeltaConfigError(
-                        f"adalora delta {name!r}: the Trainer cannot tell the number of steps (max_steps=-1 and a"
-                        " loader without length); set AdaLoraConfig(total_step=...) or Trainer(max_steps=...)")
-                total = int(total)
-                allocator = RankAllocator(backbone, name, total_step=total)
-                if name in self._allocator_state:  # resumed: the importance EMAs and history
-                    allocator.load_state_dict(self._allocator_state[name])
-                self._allocators[name] = allocator
-        self._allocator_state = {}
+            hook = config.training_hook(backbone, name, trainer.estimated_stepping_batches)
+            if hook is not None:
+                if name in self._hook_state:  # resumed: e.g. AdaLoRA's importance averages and history
+                    hook.load_state_dict(self._hook_state[name])
+                self._hooks[name] = hook
+        self._hook_state = {}
         self._last_step = trainer.global_step
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """AdaLoRA's orthogonal regulariser, added to the factors' gradients after each backward.
+        """The hooks' gradient terms after each backward (AdaLoRA's orthogonal regulariser).
 
         The gradients equal those of ``loss + orth_reg_weight * R`` (Lightning divides the loss by
         ``accumulate_grad_batches`` and a GradScaler multiplies it by its scale: so is ``R`` here),
         without touching the user's ``training_step`` or running a second backward through the model.
         """
-        if not self._allocators:
+        if not self._hooks:
             return
         factor = 1.0 / trainer.accumulate_grad_batches
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and scaler.is_enabled():
             factor *= float(scaler.get_scale())
-        for allocator in self._allocators.values():
-            allocator.add_orth_reg_grad(factor)
+        for hook in self._hooks.values():
+            hook.after_backward(factor)
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
@@ -315,8 +309,8 @@ class DeltaCallback(Callback):
         self._last_step = trainer.global_step
         if self._check_finite:
             self._stop_if_not_finite(trainer, pl_module)
-        for allocator in self._allocators.values():
-            allocator.update_and_allocate(trainer.global_step)
+        for hook in self._hooks.values():
+            hook.after_step(trainer.global_step)
 
     @staticmethod
     def _any_rank(trainer: pl.Trainer, flag: bool) -> bool:
@@ -341,11 +335,12 @@ class DeltaCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"adalora": {name: a.state_dict() for name, a in self._allocators.items()}} if self._allocators else {}
+        return {"hooks": {name: h.state_dict() for name, h in self._hooks.items()}} if self._hooks else {}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._allocator_state = dict(state_dict.get("adalora", {}))
+        # checkpoints written before hooks were generic say "adalora"
+        self._hook_state = dict(state_dict.get("hooks", state_dict.get("adalora", {})))
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:

@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from lightning_delta.core import DeltaConfig, detach_delta
+from lightning_delta.core import DeltaConfig
+from lightning_delta.engine import detach_delta
 from lightning_delta.errors import CheckpointReadError, DeltaStateError, NonFiniteError
 from lightning_delta.export import import_peft
 from lightning_delta.files import read_pair, write_pair

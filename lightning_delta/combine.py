@@ -26,7 +26,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lightning_delta.core import AttachedDelta, attach_config, iter_deltas
+from lightning_delta.core import AttachedDelta, iter_deltas
+from lightning_delta.engine import attach_config
 from lightning_delta.errors import DeltaConfigError
 from lightning_delta.methods.lora import LoraConfig
 

@@ -1,11 +1,10 @@
-"""The delta protocol: the module base class, the config base class, attach and detach.
+"""The delta protocol: the delta module base class and the method config base class.
 
-A delta is an ``nn.Module`` registered as a child of the module it changes (its
-*target*) under the delta's name, so its tensors are addressed as
-``<target>.<name>.<tensor>`` (``encoder.layer.0.attention.self.query.lora.A``).
-It changes the target's output through a forward hook that is a bound method of
-the delta itself: no closure, so the model still pickles, deep-copies and compiles.
-Backbone parameter and buffer names never change.
+A delta is an ``nn.Module`` registered as a child of the module it changes (its *target*) under the delta's name,
+so its tensors are addressed as ``<target>.<name>.<tensor>`` (``encoder.layer.0.attention.self.query.lora.A``).
+It changes the target's output through a forward hook that is a bound method of the delta itself: no closure, so
+the model still pickles, deep-copies and compiles. Backbone parameter and buffer names never change. Attaching
+and detaching is :mod:`lightning_delta.engine`; initial values, :mod:`lightning_delta.inits`.
 """
 
 from __future__ import annotations
@@ -13,8 +12,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -22,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_delta.errors import DeltaConfigError, DeltaError, DeltaStateError, MergeError, UnsupportedModuleError
+from lightning_delta.errors import DeltaConfigError, MergeError, UnsupportedModuleError
+from lightning_delta.peft_hooks import PeftConversion
 from lightning_delta.targets import ATTENTION_PRESETS, normalize_patterns, preset, resolve_targets
 from lightning_delta.tensors import is_quantized
 
@@ -31,7 +30,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 
 @dataclass
-class DeltaConfig(abc.ABC):
+class DeltaConfig(PeftConversion, abc.ABC):
     """What to attach and where. Each method subclasses this with its typed hyper-parameters.
 
     Args:
@@ -51,6 +50,8 @@ class DeltaConfig(abc.ABC):
 
     method: ClassVar[str] = ""
     supported_types: ClassVar[str] = ""
+    decays: ClassVar[bool] = True  #: weight decay on its matrices (False: offsets, scales, embeddings)
+    loraplus_params: ClassVar[tuple[str, ...]] = ()  #: tensors LoRA+ speeds up (``loraplus_lr_ratio``)
 
     targets: str | list[str] | None = None
     exclude: list[str] = field(default_factory=list)
@@ -102,60 +103,13 @@ class DeltaConfig(abc.ABC):
         return resolve_targets(model, patterns, self.supports, exclude=self.exclude, method=self.method,
                                supported_types=self.supported_types)
 
+    def training_hook(self, backbone: nn.Module, name: str, total_steps: float) -> Any:
+        """This delta's per-run training schedule, or ``None``: an object with ``after_backward(factor)``,
+        ``after_step(step)``, ``state_dict()`` and ``load_state_dict(state)``, driven by ``DeltaCallback``."""
+        return None
+
     def tie(self, deltas: list[Delta]) -> None:
         """Shares tensors across the deltas of one attach (e.g. Compacter's hypercomplex rules); no-op."""
-
-    def peft_config(self, deltas: list[AttachedDelta], **common: Any) -> Any:
-        """This delta as a ``peft.PeftConfig`` for :func:`~lightning_delta.export.export_peft`.
-
-        Args:
-            deltas: the delta's modules in the model.
-            **common: ``task_type`` and ``modules_to_save``, for every PEFT config.
-
-        Raises:
-            DeltaConfigError: PEFT has no equivalent of this method.
-        """
-        raise DeltaConfigError(f"PEFT has no equivalent of {self.method!r}")
-
-    #: PEFT's ``peft_type`` that :func:`~lightning_delta.export.import_peft` reads as this method
-    peft_type: ClassVar[str | None] = None
-    #: where PEFT's adapter files put modules trained whole (``modules_to_save``, a classifier head)
-    peft_module_prefix: ClassVar[str] = "base_model.model."
-
-    @classmethod
-    def reads_peft(cls, settings: dict[str, Any]) -> bool:
-        """Whether an adapter with this ``adapter_config.json`` is this method (by default: its ``peft_type``)."""
-        return cls.peft_type is not None and str(settings.get("peft_type")) == cls.peft_type
-
-    @classmethod
-    def from_peft(cls, settings: dict[str, Any], parts: dict[str, dict[str, torch.Tensor]],
-                  name: str | None) -> DeltaConfig:
-        """The config of a PEFT adapter of this method (the inverse of :meth:`peft_config`).
-
-        Args:
-            settings: the adapter's ``adapter_config.json``.
-            parts: its tensors by target path, then by PEFT's name on the target (``"lora_A.weight"``).
-            name: the delta's name, or ``None`` for the default.
-
-        Raises:
-            DeltaConfigError: a PEFT option this method does not have.
-        """
-        raise DeltaConfigError(f"{cls.method!r} does not import PEFT adapters")
-
-    @classmethod
-    def refuse_peft_options(cls, settings: dict[str, Any], defaults: dict[str, Any]) -> None:
-        """Raises :class:`DeltaConfigError` naming PEFT options set away from ``defaults`` (no equivalent here)."""
-        unsupported = {k: settings[k] for k, v in defaults.items() if settings.get(k, v) not in (v, None)}
-        if unsupported:
-            raise DeltaConfigError(
-                f"this PEFT adapter uses {unsupported}, which lightning_delta's {cls.method!r} does not have;"
-                " load it with peft.PeftModel.from_pretrained(model, dir), or attach it through PEFT"
-                " (attach(model, peft_config=...))")
-
-    @classmethod
-    def exports_to_peft(cls) -> bool:
-        """Whether :meth:`peft_config` is implemented."""
-        return cls.peft_config is not DeltaConfig.peft_config
 
     def preset(self, model: nn.Module) -> list[str]:
         """Targets used when ``targets`` is ``None``: the attention query and value projections."""
@@ -390,148 +344,3 @@ def iter_deltas(model: nn.Module, name: str | None = None) -> Iterator[AttachedD
             target_path, _, delta_name = path.rpartition(".")
             if name is None or delta_name == name:
                 yield AttachedDelta(path, target_path, delta_name, module)
-
-
-def as_shape(tensor: torch.Tensor | None, shape: torch.Size | tuple[int, ...], name: str) -> torch.Tensor:
-    """An imported tensor in ``shape``, where only the layout differs: singleton dimensions (PEFT's
-    ``(1, in)`` IA3 vector, ``(out, r, 1, 1)`` conv factor) or a flattened kernel (``(r, in, kh, kw)``).
-    A tensor with other dimensions (e.g. transposed) is refused rather than reshaped into garbage.
-
-    Raises:
-        DeltaStateError: missing, or another shape; the message names ``name`` and both shapes.
-    """
-    shape = tuple(shape)
-    if tensor is None:
-        raise DeltaStateError(f"the adapter has no {name!r} (expected shape {shape})")
-    have = tuple(tensor.shape)
-    same = have == shape or [d for d in have if d != 1] == [d for d in shape if d != 1] \
-        or (tensor.dim() > 2 and tuple(tensor.flatten(1).shape) == shape)
-    if not same:
-        raise DeltaStateError(f"the adapter's {name!r} has shape {have}; this delta needs {shape}: it was saved"
-                              " for other dimensions or transposed, and is refused rather than reshaped")
-    return tensor.reshape(shape)
-
-
-def fill_(param: torch.Tensor, draw: Callable[[torch.Tensor], Any]) -> None:
-    """Fills ``param`` with values ``draw`` writes into a CPU tensor (meta tensors stay empty)."""
-    if param.device.type != "meta":
-        values = torch.empty(param.shape, dtype=param.dtype)
-        draw(values)
-        with torch.no_grad():
-            param.copy_(values.to(param.device))
-
-
-def kaiming_(param: torch.Tensor, generator: torch.Generator) -> None:
-    """Kaiming-uniform as ``nn.Linear`` initialises its weight, drawn from ``generator``."""
-    fill_(param, lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator))
-
-
-def delta_seed(seed: int, path: str) -> int:
-    """The initialisation seed of the delta at dotted ``path`` in a run seeded with ``seed``.
-
-    Every rank that attaches the same delta with the same seed draws the same initial values,
-    so no broadcast is needed (FSDP does not broadcast initial values).
-    """
-    return (seed * 1_000_003 + zlib.crc32(path.encode())) % 2**63
-
-
-def require_linear(method: str, deltas: Iterable[AttachedDelta]) -> None:
-    """For PEFT exports of methods whose PEFT layers take only ``nn.Linear``: refuses ``Conv1D`` targets."""
-    transposed = [d.target_path for d in deltas if getattr(d.module, "transposed", False)]
-    if transposed:
-        raise DeltaConfigError(f"PEFT's {method} takes only nn.Linear targets, not the Conv1D {transposed[:3]}:"
-                               " this delta cannot be exported to PEFT's format")
-
-
-def _free_name(model: nn.Module, config: DeltaConfig) -> str:
-    taken = {d.name for d in iter_deltas(model)}
-    if config.name is not None:
-        if config.name in taken:
-            raise DeltaConfigError(
-                f"a delta named {config.name!r} is already attached; give the new one another name"
-                f" (name='{config.name}_2') or detach the old one first"
-            )
-        return config.name
-    name, n = config.method, 1
-    while name in taken:
-        n += 1
-        name = f"{config.method}_{n}"
-    return name
-
-
-def attach_config(model: nn.Module, config: DeltaConfig, seed: int | None = None) -> str:
-    """Attaches one delta described by ``config`` to ``model``; returns the delta's name.
-
-    Every target is resolved and every delta built before the model is touched, so a
-    failure leaves the model as it was. Random initial values derive from ``seed`` (default:
-    ``torch.initial_seed()``) and each delta's path, see :func:`delta_seed`.
-    """
-    seed = torch.initial_seed() if seed is None else seed
-    names = config.target_names(model)
-    name = _free_name(model, config)
-    built: list[tuple[nn.Module, Delta]] = []
-    for target_name in names:
-        target = model.get_submodule(target_name)
-        if hasattr(target, name):
-            raise DeltaConfigError(
-                f"{target_name!r} already has an attribute {name!r}; pass another delta name, e.g. name='{name}_delta'"
-            )
-        _refuse_zero3_partition(target, target_name)
-        built.append((target, config.build(target, delta_seed(seed, f"{target_name}.{name}"), target_name)))
-    config.tie([delta for _, delta in built])
-    config = dataclasses.replace(config, name=name)
-    placed: list[tuple[nn.Module, Delta]] = []
-    try:
-        for target, delta in built:
-            delta.config = config
-            target.add_module(name, delta)
-            placed.append((target, delta))
-            delta.hook_into(target)
-            delta.on_attach(target)
-    except Exception:  # e.g. a library refusing to hook: leave the model as it was
-        for target, delta in placed:
-            delta.unhook_from(target)
-            delattr(target, name)
-        raise
-    return name
-
-
-def _refuse_zero3_partition(target: nn.Module, path: str) -> None:
-    """Deltas are shaped from whole weights: a DeepSpeed ZeRO-3 placeholder (built under ``zero.Init``) has none."""
-    for key, param in target.named_parameters(recurse=False):
-        if hasattr(param, "ds_shape") and param.numel() == 0:
-            raise UnsupportedModuleError(
-                f"{path or 'the target'}.{key} is a DeepSpeed ZeRO-3 partition (full shape"
-                f" {tuple(param.ds_shape)}), built under deepspeed.zero.Init: deltas attach to whole weights. Build"
-                " or load the backbone in the LightningModule's __init__, not in configure_model, so DeltaCallback"
-                " attaches before DeepSpeed partitions it (the strategy still shards it, deltas included)"
-            )
-
-
-def detach_delta(model: nn.Module, name: str) -> None:
-    """Removes every module of the delta ``name``, unmerging first; the backbone is as before attach."""
-    found = list(iter_deltas(model, name))
-    if not found:
-        names = sorted({d.name for d in iter_deltas(model)})
-        raise DeltaError(f"no delta named {name!r} is attached; attached deltas: {names or 'none'}")
-    for d in found:
-        target = model.get_submodule(d.target_path)
-        if d.module.merged:
-            d.module.unmerge(target)
-        d.module.on_detach(target)
-        d.module.unhook_from(target)
-        delattr(target, d.name)
-
-
-def check_merge(model: nn.Module, deltas: Iterable[AttachedDelta]) -> None:
-    """Raises :class:`MergeError` naming every delta that cannot merge, before anything is merged."""
-    blocked = [
-        f"{d.path} ({reason})"
-        for d in deltas
-        if (reason := d.module.merge_blocker(model.get_submodule(d.target_path))) is not None
-    ]
-    if blocked:
-        raise MergeError(
-            f"cannot merge {len(blocked)} delta module(s): {', '.join(blocked[:5])}."
-            " Merge only deltas that support it: merge(names=[...])"
-        )

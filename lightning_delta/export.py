@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_delta.core import detach_delta, iter_deltas
+from lightning_delta.core import iter_deltas
+from lightning_delta.engine import detach_delta
 from lightning_delta.errors import CheckpointReadError, DeltaConfigError, DeltaStateError
 from lightning_delta.files import read_pair, write_pair
 from lightning_delta.handle import DeltaModel

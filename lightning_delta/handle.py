@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from lightning_delta.combine import combine_lora
-from lightning_delta.core import AttachedDelta, DeltaConfig, attach_config, check_merge, detach_delta, iter_deltas
+from lightning_delta.core import AttachedDelta, DeltaConfig, iter_deltas
+from lightning_delta.engine import attach_config, check_merge, detach_delta
 from lightning_delta.errors import DeltaConfigError
 from lightning_delta.methods import make_config
 from lightning_delta.methods.peft_backend import PeftDeltaConfig

@@ -12,10 +12,6 @@ from lightning_delta.core import DeltaConfig, iter_deltas
 from lightning_delta.handle import trainable_parameters
 from lightning_delta.methods import default_lr, peft_reader
 
-#: Delta tensors that are offsets, scales or embeddings rather than weight matrices: never decayed.
-NO_DECAY_METHODS = frozenset({"bitfit", "layernorm", "ia3", "prompt", "prefix", "new_tokens"})
-
-
 #: Rate of trainable parameters when there is no delta to take one from and none is named.
 DEFAULT_LR = 1e-3
 
@@ -64,9 +60,9 @@ def param_groups(
         others = own if others is None else others
         for name, p in d.module.named_parameters():
             rate = own
-            if loraplus_lr_ratio and method in ("lora", "dora") and name == "B":
+            if loraplus_lr_ratio and name in d.module.config.loraplus_params:
                 rate *= loraplus_lr_ratio
-            decays = method not in NO_DECAY_METHODS and p.dim() >= 2
+            decays = d.module.config.decays and p.dim() >= 2
             settings[id(p)] = (rate, weight_decay if decays else 0.0)
     others = DEFAULT_LR if others is None else others
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}

@@ -3,12 +3,12 @@
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning_helpers import trainer
+from models import tiny_bert
 from torch import nn
 
 from lightning_delta import DeltaCallback, DeltaModel, LoraConfig, attach, trainable_parameters
-from lightning_delta.core import attach_config
-from lightning_helpers import trainer
-from models import tiny_bert
+from lightning_delta.engine import attach_config
 
 HALF = {"bf16-true": torch.bfloat16, "16-true": torch.float16}
 

@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_delta.core import DeltaConfig, WeightUpdateDelta, fill_, iter_deltas
+from lightning_delta.core import DeltaConfig, WeightUpdateDelta, iter_deltas
 from lightning_delta.errors import DeltaConfigError
+from lightning_delta.inits import fill_
 from lightning_delta.targets import is_linear_like
 
 _EPS = 1e-5  # PEFT divides by ranknum + 1e-5
@@ -74,6 +75,15 @@ class AdaLoraConfig(DeltaConfig):
     beta2: float = 0.85
     orth_reg_weight: float = 0.5
     total_step: int | None = None
+
+    def training_hook(self, backbone: nn.Module, name: str, total_steps: float) -> RankAllocator:
+        """The rank allocator of delta ``name``, over ``total_step`` or else the Trainer's ``total_steps``."""
+        total = self.total_step or total_steps
+        if total == float("inf"):
+            raise DeltaConfigError(
+                f"adalora delta {name!r}: the Trainer cannot tell the number of steps (max_steps=-1 and a"
+                " loader without length); set AdaLoraConfig(total_step=...) or Trainer(max_steps=...)")
+        return RankAllocator(backbone, name, total_step=int(total))
 
     def validate(self) -> None:
         self.check_range("init_r", self.init_r, _positive_int(self.init_r), "a positive integer, e.g. init_r=12")
@@ -308,6 +318,14 @@ class RankAllocator:
         """``orth_reg_weight`` times the mean of the orthogonality penalties over every ``A`` and ``B``."""
         terms = [t for _, module in self.modules() for t in module.orth_penalties()]
         return self.config.orth_reg_weight * torch.stack(terms).mean()
+
+    def after_step(self, step: int) -> None:
+        """The training hook's step: :meth:`update_and_allocate`."""
+        self.update_and_allocate(step)
+
+    def after_backward(self, factor: float = 1.0) -> None:
+        """The training hook's backward: :meth:`add_orth_reg_grad`."""
+        self.add_orth_reg_grad(factor)
 
     def add_orth_reg_grad(self, factor: float = 1.0) -> float:
         """Adds ``factor`` times the gradient of :meth:`orth_reg` to ``A.grad`` and ``B.grad``; returns its value.

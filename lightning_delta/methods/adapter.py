@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_delta.core import Delta, DeltaConfig, kaiming_
+from lightning_delta.core import Delta, DeltaConfig
+from lightning_delta.inits import kaiming_
 from lightning_delta.targets import ATTENTION_OUTPUT_PRESETS, FFN_OUTPUT_PRESETS, is_linear_like, preset
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}

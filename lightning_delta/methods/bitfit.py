@@ -35,6 +35,7 @@ class BitFitConfig(DeltaConfig):
     """BitFit has no hyper-parameters beyond where it attaches."""
 
     method = "bitfit"
+    decays = False  # offsets, scales or embeddings: no weight decay
     lr: float = field(default=0.003, kw_only=True)  # benchmarks.quality --sweep
     supported_types = "Linear-like modules, nn.Conv1d/2d/3d, nn.LayerNorm and RMSNorm-style norms"
 

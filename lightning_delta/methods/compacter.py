@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_delta.core import Delta, fill_
+from lightning_delta.core import Delta
 from lightning_delta.errors import DeltaConfigError
+from lightning_delta.inits import fill_
 from lightning_delta.methods.adapter import ACTIVATIONS, AdapterConfig, out_features
 
 

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_delta.core import as_shape
+from lightning_delta.inits import as_shape
 from lightning_delta.methods.lora import LoraConfig, LoRALinear
-from lightning_delta.tensors import is_quantized
 from lightning_delta.targets import is_linear_like
+from lightning_delta.tensors import is_quantized
 
 
 @dataclass

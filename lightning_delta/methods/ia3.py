@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_delta.core import Delta, DeltaConfig, as_shape
+from lightning_delta.core import Delta, DeltaConfig
+from lightning_delta.inits import as_shape
 from lightning_delta.targets import (
     FFN_OUTPUT_PRESETS,
     KEY_VALUE_PRESETS,
@@ -23,7 +24,6 @@ from lightning_delta.targets import (
     normalize_patterns,
     preset,
 )
-
 
 #: Feed-forward down projections of the preset architectures (unambiguous across them).
 FEEDFORWARD_DEFAULT = tuple(dict.fromkeys(p for entry in FFN_OUTPUT_PRESETS.values() for layout in layouts(entry)
@@ -47,6 +47,7 @@ class IA3Config(DeltaConfig):
     """
 
     method = "ia3"
+    decays = False  # offsets, scales or embeddings: no weight decay
     lr: float = field(default=0.03, kw_only=True)  # benchmarks.quality --sweep
     supported_types = "nn.Linear and transformers Conv1D"
 

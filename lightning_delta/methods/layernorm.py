@@ -36,6 +36,7 @@ class LayerNormConfig(DeltaConfig):
     """LN-tuning has no hyper-parameters beyond where it attaches (default: every norm)."""
 
     method = "layernorm"
+    decays = False  # offsets, scales or embeddings: no weight decay
     lr: float = field(default=0.01, kw_only=True)  # benchmarks.quality --sweep
     supported_types = "nn.LayerNorm (with affine parameters) and RMSNorm-style norms"
 

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_delta.core import DeltaConfig, WeightUpdateDelta, kaiming_, require_linear
+from lightning_delta.core import DeltaConfig, WeightUpdateDelta
+from lightning_delta.inits import kaiming_
+from lightning_delta.peft_hooks import require_linear
 from lightning_delta.targets import is_linear_like, linear_in_out
 
 

@@ -34,11 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_delta.core import Delta, DeltaConfig, as_shape, fill_, kaiming_
+from lightning_delta.core import Delta, DeltaConfig
 from lightning_delta.errors import UnsupportedModuleError
+from lightning_delta.inits import as_shape, fill_, kaiming_
 from lightning_delta.methods.fused_lora import lora_branch
-from lightning_delta.tensors import is_quantized
 from lightning_delta.targets import is_linear_like
+from lightning_delta.tensors import is_quantized
 
 #: ``init`` values; the last two replace the frozen weight by a residual at attach.
 LORA_INITS = ("default", "gaussian", "pissa", "olora")
@@ -60,6 +61,7 @@ class LoraConfig(DeltaConfig):
     """
 
     method = "lora"
+    loraplus_params = ("B",)  # LoRA+: B learns loraplus_lr_ratio times faster
     lr: float = field(default=0.005, kw_only=True)  # benchmarks.quality --sweep
     supported_types = "nn.Linear, transformers Conv1D, nn.Embedding and nn.Conv2d (groups=1)"
 

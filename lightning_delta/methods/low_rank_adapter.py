@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_delta.core import kaiming_
+from lightning_delta.inits import kaiming_
 from lightning_delta.methods.adapter import ACTIVATIONS, Adapter, AdapterConfig, out_features
 
 

@@ -46,6 +46,7 @@ class NewTokensConfig(DeltaConfig):
     """
 
     method = "new_tokens"
+    decays = False  # offsets, scales or embeddings: no weight decay
     supported_types = "nn.Embedding (input embeddings) and nn.Linear (output heads)"
 
     num_new_tokens: int | None = None

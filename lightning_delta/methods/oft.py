@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_delta.core import Delta, DeltaConfig, require_linear
+from lightning_delta.core import Delta, DeltaConfig
 from lightning_delta.errors import DeltaConfigError
+from lightning_delta.peft_hooks import require_linear
 from lightning_delta.targets import is_linear_like, linear_in_out
 
 

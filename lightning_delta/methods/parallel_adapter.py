@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_delta.core import Delta, kaiming_
+from lightning_delta.core import Delta
+from lightning_delta.inits import kaiming_
 from lightning_delta.methods.adapter import ACTIVATIONS, AdapterConfig, out_features
 from lightning_delta.targets import PARALLEL_FFN_PRESETS, is_linear_like, preset
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_delta.core import fill_, kaiming_
 from lightning_delta.errors import DeltaConfigError, UnsupportedModuleError
 from lightning_delta.hf_compat import cache_argument, forward_parameters, pop_cache
+from lightning_delta.inits import fill_, kaiming_
 from lightning_delta.methods.virtual_tokens import VirtualTokens, VirtualTokensConfig
 
 
@@ -79,6 +79,7 @@ class PrefixConfig(VirtualTokensConfig):
     """
 
     method = "prefix"
+    decays = False  # offsets, scales or embeddings: no weight decay
     lr: float = field(default=0.03, kw_only=True)  # benchmarks.quality --sweep
     supported_types = "a transformers model (with a config) whose forward takes a key/value cache"
 

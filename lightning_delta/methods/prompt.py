@@ -36,6 +36,7 @@ class PromptConfig(VirtualTokensConfig):
     """
 
     method = "prompt"
+    decays = False  # offsets, scales or embeddings: no weight decay
     lr: float = field(default=0.1, kw_only=True)  # benchmarks.quality --sweep
     supported_types = "models with get_input_embeddings() (transformers PreTrainedModel)"
 
