@@ -268,6 +268,11 @@ class Delta(nn.Module):
         """
         return None
 
+    def tensor_parallel_layout(self, style: str) -> dict[str, int | str] | str:
+        """Where each of its tensors lies on a ``style`` ("ColwiseParallel"/"RowwiseParallel") target: a shard
+        dimension or ``"replicate"`` per tensor name, or why it cannot run there (the default: it cannot)."""
+        return "under tensor parallelism only LoRA (init='default' or 'gaussian', dropout=0) supports such targets"
+
     def merge_blocker(self, target: nn.Module) -> str | None:
         """Why this delta cannot be merged into ``target``, or ``None`` if it can (not into a 4-bit weight)."""
         if not self.mergeable:

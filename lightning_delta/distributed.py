@@ -21,7 +21,6 @@ from torch import nn
 
 from lightning_delta.core import Delta, iter_deltas
 from lightning_delta.errors import DeltaConfigError
-from lightning_delta.methods.lora import LoRALinear
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
@@ -137,9 +136,6 @@ def tensor_parallel(module: nn.Module, mesh: Any, plan: dict[str, Any]) -> nn.Mo
     return module
 
 
-#: (A placement, B placement) beside the supported tensor-parallel styles of nn.Linear
-_LINEAR_TP = {"ColwiseParallel": ("replicate", 0), "RowwiseParallel": (1, "replicate")}
-
 
 def _tp_ancestor(module: nn.Module, target_path: str) -> str | None:
     """The name of the nearest module at or above ``target_path`` that a tensor-parallel style was applied to."""
@@ -190,19 +186,12 @@ def distribute_deltas(module: nn.Module) -> None:
                 f"delta {d.path!r}: its target {d.target_path!r} ({type(target).__name__}, weight placements"
                 f" {placements}) is parallelized in a way deltas do not support; supported are nn.Linear targets"
                 " with ColwiseParallel() or RowwiseParallel() on a 1-D mesh." + fix)
-        if not isinstance(d.module, LoRALinear):
-            raise DeltaConfigError(
-                f"delta {d.path!r}: {d.module.config.method!r} cannot run on the {style} target"
-                f" {d.target_path!r}; under tensor parallelism only LoRA (init='default' or 'gaussian',"
-                " dropout=0) supports parallelized targets." + fix)
-        if d.module.residual or d.module.config.dropout > 0:
-            raise DeltaConfigError(
-                f"delta {d.path!r}: LoRA with init={d.module.config.init!r}, dropout={d.module.config.dropout}"
-                f" cannot run on the {style} target {d.target_path!r}; use init='default' or 'gaussian' and"
-                " dropout=0 there." + fix)
+        layout = d.module.tensor_parallel_layout(style)
+        if isinstance(layout, str):
+            raise DeltaConfigError(f"delta {d.path!r}: {d.module.config.method!r} cannot run on the {style} target"
+                                   f" {d.target_path!r}; {layout}." + fix)
         mesh = weight.device_mesh
-        a_dim, b_dim = _LINEAR_TP[style]
-        for name, dim in (("A", a_dim), ("B", b_dim)):
+        for name, dim in layout.items():
             param = getattr(d.module, name)
             placements = [Replicate() if dim == "replicate" else Shard(dim)]
             if isinstance(param, DTensor):

@@ -213,6 +213,14 @@ class LoRALinear(LoRA):
             self.register_buffer("A0", torch.zeros_like(self.A), persistent=False)
             self.register_buffer("B0", torch.zeros_like(self.B), persistent=False)
 
+    def tensor_parallel_layout(self, style):
+        """Column-parallel target (input replicated, output sharded over features): ``A`` replicated, ``B``
+        ``Shard(0)``; row-parallel (input sharded, output a partial sum): ``A`` ``Shard(1)``, ``B`` replicated."""
+        if self.residual or self.config.dropout > 0:
+            return (f"LoRA with init={self.config.init!r}, dropout={self.config.dropout} does not; use"
+                    " init='default' or 'gaussian' and dropout=0 there")
+        return {"ColwiseParallel": {"A": "replicate", "B": 0}, "RowwiseParallel": {"A": 1, "B": "replicate"}}[style]
+
     @torch.no_grad()
     def init_from_weight(self, target: nn.Module, path: str = "") -> None:
         """PiSSA / OLoRA: ``A``, ``B`` (and the buffers ``A0``, ``B0``) from the target's weight, as PEFT.
