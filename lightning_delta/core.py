@@ -51,6 +51,7 @@ class DeltaConfig(PeftConversion, abc.ABC):
     method: ClassVar[str] = ""
     supported_types: ClassVar[str] = ""
     decays: ClassVar[bool] = True  #: weight decay on its matrices (False: offsets, scales, embeddings)
+    switchable: ClassVar[bool] = True  #: whether ``DeltaModel.set_active`` can switch it on and off
     loraplus_params: ClassVar[tuple[str, ...]] = ()  #: tensors LoRA+ speeds up (``loraplus_lr_ratio``)
 
     targets: str | list[str] | None = None

@@ -193,9 +193,11 @@ class DeltaModel:
             DeltaConfigError: an unknown name, or a PEFT-backend delta (PEFT switches its own adapters).
         """
         chosen = {d.name for d in self._selected(names)}
-        peft = [n for n, c in self.configs.items() if c.method == "peft"]
-        if peft:
-            raise DeltaConfigError(f"set_active does not switch PEFT-backend deltas {peft}; detach them first")
+        fixed = [n for n, c in self.configs.items() if not c.switchable]
+        if fixed:
+            methods = sorted({self.configs[n].method for n in fixed})
+            raise DeltaConfigError(f"set_active does not switch {methods} deltas {fixed} (PEFT-backend deltas: PEFT"
+                                   " switches its own adapters); detach them first")
         self._refuse_residual({d.name for d in self.deltas() if d.name not in chosen}, "switched off")
         for d in self.deltas():
             d.module.active = d.name in chosen

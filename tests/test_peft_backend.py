@@ -69,3 +69,13 @@ def test_peft_config_and_method_together_is_refused():
     with pytest.raises(DeltaConfigError, match="replaces method"):
         attach(tiny_bert(), "lora", peft_config=peft.LoraConfig(r=2, target_modules=["query"]))
     assert DeltaModel(tiny_bert()).deltas() == []
+
+
+def test_set_active_refuses_to_switch_a_peft_backend_delta_and_changes_nothing():
+    model = tiny_bert().eval()
+    handle = attach(model, peft_config=peft.LoraConfig(r=2, target_modules=["query"]))
+    handle.attach("ia3")
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(DeltaConfigError, match=r"does not switch \['peft'\] deltas \['peft'\]"):
+        handle.set_active("ia3")
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads

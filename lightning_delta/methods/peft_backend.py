@@ -60,6 +60,7 @@ class PeftDeltaConfig(WholeModelConfig):
     """
 
     method = "peft"
+    switchable = False  # PEFT switches its own adapters
     supported_types = "any model PEFT can inject into (targets come from the PEFT config's target_modules)"
 
     peft: dict[str, Any] = field(default_factory=dict)
