@@ -20,7 +20,7 @@ import torch
 
 from benchmarks.memory import PeakLiveBytes
 from lightning_delta import attach, trainable_parameters
-from lightning_delta.checkpointing import disable_checkpointing, enable_checkpointing
+from lightning_delta.recompute import disable_checkpointing, enable_checkpointing
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {"none": None, "every layer": 1, "every 2nd layer": 2}

@@ -122,7 +122,7 @@ def peft_config_of(method: str, num_labels: int, model: str = MODEL) -> Any:
 
     from lightning_delta import attach, export_peft
     from lightning_delta.hf_compat import load_pretrained
-    from lightning_delta.tasks.sources import resolve_source
+    from lightning_delta.tasks.backbones import resolve_source
 
     backbone = load_pretrained(AutoModelForSequenceClassification, resolve_source(model), num_labels=num_labels)
     attach(backbone, method).freeze_backbone(trainable="classifier")

@@ -24,7 +24,7 @@ from lightning_delta.errors import (
     TargetError,
     UnsupportedModuleError,
 )
-from lightning_delta.export import export_peft, import_peft
+from lightning_delta.peft_format import export_peft, import_peft
 from lightning_delta.handle import DeltaModel, DeltaSummary, attach, trainable_parameters
 from lightning_delta.methods import METHODS, make_config
 from lightning_delta.methods.adalora import AdaLoraConfig, RankAllocator

@@ -20,7 +20,7 @@ from typing_extensions import override
 
 from lightning_delta.checkpoint import META_KEY, DeltaCheckpointHooks, checkpoint_metadata, spec_differences
 from lightning_delta.checkpoint_io import AtomicCheckpointIO
-from lightning_delta.checkpointing import enable_checkpointing
+from lightning_delta.recompute import enable_checkpointing
 from lightning_delta.configure_model import AttachAfterConfigureModel
 from lightning_delta.core import DeltaConfig
 from lightning_delta.distributed import install_wrap_policy
@@ -95,7 +95,7 @@ class DeltaCallback(Callback):
         exclude: patterns of matched modules to leave out.
         name: the delta's name (default: the method name).
         gradient_checkpointing: recompute the backbone's blocks in backward instead of keeping their
-            activations (non-reentrant; see :mod:`lightning_delta.checkpointing`).
+            activations (non-reentrant; see :mod:`lightning_delta.recompute`).
         every_n_layers: with ``gradient_checkpointing``, checkpoint every n-th block only.
         peft_config: instead of ``method``, any ``peft.PeftConfig`` (the PEFT backend; needs ``peft``).
         check_finite: stop training with :class:`NonFiniteError` at the first NaN/inf loss, or NaN/inf

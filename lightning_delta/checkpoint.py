@@ -20,7 +20,7 @@ from torch import nn
 from lightning_delta.core import DeltaConfig
 from lightning_delta.engine import detach_delta
 from lightning_delta.errors import CheckpointReadError, DeltaStateError, NonFiniteError
-from lightning_delta.export import import_peft
+from lightning_delta.peft_format import import_peft
 from lightning_delta.files import read_pair, write_pair
 from lightning_delta.handle import DeltaModel, ensure_attached
 from lightning_delta.methods import config_from_dict
@@ -267,7 +267,7 @@ def load_delta(
     Args:
         model: the module to load into.
         checkpoint: a ``.ckpt`` file (read with ``weights_only=True``), a :func:`save_delta` folder,
-            a PEFT adapter folder (see :func:`lightning_delta.export.import_peft`; ``module`` names the
+            a PEFT adapter folder (see :func:`lightning_delta.peft_format.import_peft`; ``module`` names the
             transformers model inside ``model``), or a loaded dict.
         strict: whether a delta tensor missing from the checkpoint is an error.
         map_location: passed to ``torch.load``.

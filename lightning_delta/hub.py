@@ -1,7 +1,7 @@
 """Share a delta on the Hugging Face Hub: PEFT's adapter format plus a generated model card.
 
 ``push_to_hub(model, "me/bert-sst2-lora", metrics={"val_acc": 0.91})`` writes the adapter
-(:func:`lightning_delta.export.export_peft`) and a ``README.md`` (method, targets, hyper-parameters,
+(:func:`lightning_delta.peft_format.export_peft`) and a ``README.md`` (method, targets, hyper-parameters,
 trainable share, metrics, how to load it) into a temporary folder and uploads that folder. Anyone
 loads it with ``peft.PeftModel.from_pretrained(base_model, "me/bert-sst2-lora")``, or with
 ``lightning_delta.load_delta(base_model, local_folder)``.
@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_delta.export import export_peft
+from lightning_delta.peft_format import export_peft
 from lightning_delta.handle import DeltaModel
 from lightning_delta.version import __version__
 
@@ -96,7 +96,7 @@ def push_to_hub(
         The URL of the upload commit.
 
     Raises:
-        DeltaConfigError: the delta has no PEFT equivalent (see :func:`~lightning_delta.export.export_peft`),
+        DeltaConfigError: the delta has no PEFT equivalent (see :func:`~lightning_delta.peft_format.export_peft`),
             raised before anything is uploaded.
     """
     if api is None:

@@ -17,7 +17,7 @@ class PeftConversion:
     method: ClassVar[str] = ""
 
     def peft_config(self, deltas: list[Any], **common: Any) -> Any:
-        """This delta as a ``peft.PeftConfig`` for :func:`~lightning_delta.export.export_peft`.
+        """This delta as a ``peft.PeftConfig`` for :func:`~lightning_delta.peft_format.export_peft`.
 
         Args:
             deltas: the delta's modules in the model.
@@ -28,7 +28,7 @@ class PeftConversion:
         """
         raise DeltaConfigError(f"PEFT has no equivalent of {self.method!r}")
 
-    #: PEFT's ``peft_type`` that :func:`~lightning_delta.export.import_peft` reads as this method
+    #: PEFT's ``peft_type`` that :func:`~lightning_delta.peft_format.import_peft` reads as this method
     peft_type: ClassVar[str | None] = None
     #: where PEFT's adapter files put modules trained whole (``modules_to_save``, a classifier head)
     peft_module_prefix: ClassVar[str] = "base_model.model."

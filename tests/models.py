@@ -125,7 +125,7 @@ def bundled_tokenizer():
     """The offline MiniLM's BERT tokenizer (vocab 30522), shared by every tiny model below."""
     from transformers import AutoTokenizer
 
-    from lightning_delta.tasks.sources import BUNDLED_MINILM, resolve_source
+    from lightning_delta.tasks.backbones import BUNDLED_MINILM, resolve_source
 
     return AutoTokenizer.from_pretrained(resolve_source(BUNDLED_MINILM))
 

@@ -19,7 +19,7 @@ from lightning_delta import (
     save_delta,
 )
 from lightning.pytorch.callbacks import Callback
-from lightning_delta.export import export_peft
+from lightning_delta.peft_format import export_peft
 from lightning_helpers import Classifier, ReloadableClassifier, loader, save_pretrained_bert, trainer
 from models import family_inputs, inputs_and_labels, tiny_bert, tiny_gpt2
 from test_families import LanguageModel

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_delta import DeltaCallback, DeltaConfigError, DeltaModel, attach, trainable_parameters
-from lightning_delta.checkpointing import disable_checkpointing, enable_checkpointing
+from lightning_delta.recompute import disable_checkpointing, enable_checkpointing
 from lightning_delta.distributed import repeated_blocks
 from lightning_helpers import trainer
 from models import FAMILIES, family_inputs

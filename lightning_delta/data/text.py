@@ -9,9 +9,9 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_delta.data.sources import load_splits, require_columns
+from lightning_delta.data.splits import load_splits, require_columns
 from lightning_delta.hf_compat import load_pretrained
-from lightning_delta.tasks.sources import resolve_source
+from lightning_delta.tasks.backbones import resolve_source
 
 SPLITS = ("train", "validation", "test")
 

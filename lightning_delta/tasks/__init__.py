@@ -3,7 +3,7 @@
 from lightning_delta.tasks.base import DeltaTask
 from lightning_delta.tasks.classification import SequenceClassification
 from lightning_delta.tasks.language_modeling import CausalLanguageModeling, Seq2SeqLanguageModeling
-from lightning_delta.tasks.sources import BUNDLED_MINILM, resolve_source
+from lightning_delta.tasks.backbones import BUNDLED_MINILM, resolve_source
 
 __all__ = [
     "BUNDLED_MINILM",

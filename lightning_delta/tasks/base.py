@@ -10,13 +10,13 @@ import torch
 from typing_extensions import override
 
 from lightning_delta.checkpoint import META_KEY, attach_from_checkpoint
-from lightning_delta.checkpointing import enable_checkpointing
+from lightning_delta.recompute import enable_checkpointing
 from lightning_delta.distributed import is_sharded, shard
 from lightning_delta.errors import DeltaConfigError
 from lightning_delta.hf_compat import load_pretrained
 from lightning_delta.optim import param_groups
 from lightning_delta.state import read_checkpoint
-from lightning_delta.tasks.sources import resolve_source
+from lightning_delta.tasks.backbones import resolve_source
 
 
 class DeltaTask(pl.LightningModule):
@@ -36,7 +36,7 @@ class DeltaTask(pl.LightningModule):
         weight_decay: AdamW weight decay.
         warmup_ratio: fraction of the training steps spent warming up, in ``[0, 1)``.
         gradient_checkpointing: recompute the backbone's blocks in backward
-            (:func:`~lightning_delta.checkpointing.enable_checkpointing`), set up in ``configure_model``.
+            (:func:`~lightning_delta.recompute.enable_checkpointing`), set up in ``configure_model``.
         lr_by_method: peak learning rates per delta method, e.g. ``{"prompt": 3e-2}``; other
             parameters use ``learning_rate`` (see :func:`~lightning_delta.optim.param_groups`).
         loraplus_lr_ratio: LoRA+: ``B`` of LoRA/DoRA learns this many times faster than ``A``.
