@@ -25,46 +25,13 @@ from lightning_delta import (
     make_config,
 )
 from lightning_helpers import trainer
+from method_cases import MERGEABLE, randomize
 from models import FAMILIES, family_inputs, family_output, tiny_bert, tiny_gpt2
 from test_families import LanguageModel
 
 IDENTITY_AT_INIT = ["lora", "dora", "ia3", "bitfit", "layernorm", "adapter", "parallel_adapter", "low_rank_adapter",
                     "compacter"]
 METHODS = IDENTITY_AT_INIT + ["prompt", "prefix"]
-MERGEABLE = ["lora", "dora", "ia3", "bitfit", "layernorm"]
-
-
-def randomize(handle, seed=0, scale=0.2):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in handle.delta_parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
-    return handle
-
-
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("method", IDENTITY_AT_INIT + ["pfeiffer"])
-def test_identity_at_init_on_every_family(method, family):
-    model = FAMILIES[family]().eval()
-    inputs = family_inputs(family)
-    reference = family_output(model, inputs)
-    config = AdapterConfig(placement="pfeiffer") if method == "pfeiffer" else method
-    handle = attach(model, config)
-    assert handle.deltas()
-    torch.testing.assert_close(family_output(model, inputs), reference, rtol=0, atol=1e-6)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_gradients_reach_only_delta_parameters(method):
-    model = tiny_bert()
-    handle = attach(model, method).freeze_backbone()
-    randomize(handle)  # away from init, so every delta tensor gets a gradient
-    model(**family_inputs("bert"), labels=torch.tensor([0, 1])).loss.backward()
-    delta = {id(p) for p in handle.delta_parameters()}
-    for name, p in model.named_parameters():
-        assert (p.grad is not None) == (id(p) in delta), name
-        if id(p) in delta:
-            assert p.grad.abs().sum() > 0, name
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
