@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_delta import attach_from_checkpoint, trainable_parameters
-from models import tiny_bert
+from models import FAMILIES, family_inputs, tiny_bert
 
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
@@ -83,3 +83,30 @@ def trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
     )
     defaults.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **defaults)
+
+
+class LanguageModel(pl.LightningModule):
+    """Causal or seq2seq LM on one fixed batch (labels = inputs), so the loss must fall."""
+
+    def __init__(self, family: str, lr: float = 0.02):
+        super().__init__()
+        self.family, self.lr = family, lr
+        self.model = FAMILIES[family]()
+
+    def training_step(self, batch, batch_idx):
+        inputs = family_inputs(self.family, batch=4, seq=8)
+        if self.family == "t5":
+            labels = inputs.pop("decoder_input_ids")
+        elif self.family == "bert":
+            labels = (inputs["input_ids"][:, 0] > 50).long()
+        else:
+            labels = inputs["input_ids"]
+        loss = self.model(**inputs, labels=labels).loss
+        self.losses.append(loss.item())
+        return loss
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(range(64), batch_size=1)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(trainable_parameters(self), lr=self.lr)

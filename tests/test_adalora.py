@@ -20,9 +20,8 @@ from lightning_delta import (
 )
 from lightning.pytorch.callbacks import Callback
 from lightning_delta.peft_format import export_peft
-from lightning_helpers import Classifier, ReloadableClassifier, loader, save_pretrained_bert, trainer
+from lightning_helpers import Classifier, LanguageModel, ReloadableClassifier, loader, save_pretrained_bert, trainer
 from models import family_inputs, inputs_and_labels, tiny_bert, tiny_gpt2
-from test_families import LanguageModel
 
 FAMILY = {"bert": (tiny_bert, ["query", "value"], {}),
           "gpt2": (tiny_gpt2, ["c_attn", "c_fc"], {"fan_in_fan_out": True})}

@@ -23,10 +23,9 @@ from lightning_delta import (
 )
 from lightning_delta.peft_format import export_peft
 from lightning_delta.methods.lokr import factorization
-from lightning_helpers import Classifier, ReloadableClassifier, loader, save_pretrained_bert, trainer
+from lightning_helpers import Classifier, LanguageModel, ReloadableClassifier, loader, save_pretrained_bert, trainer
 from models import FAMILIES, family_inputs, family_output, tiny_bert, tiny_gpt2, tiny_llama
 from method_cases import CASES, randomize  # randomize: every trainable delta tensor (VeRA's projections stay)
-from test_families import LanguageModel
 
 METHODS = ["vera", "loha", "lokr", "oft"]
 SMALL = {method: CASES[method].hparams for method in METHODS}  # the case table's settings for the tiny models

@@ -24,10 +24,9 @@ from lightning_delta import (
     attach,
     make_config,
 )
-from lightning_helpers import trainer
+from lightning_helpers import LanguageModel, trainer
 from method_cases import MERGEABLE, randomize
 from models import FAMILIES, family_inputs, family_output, tiny_bert, tiny_gpt2
-from test_families import LanguageModel
 
 IDENTITY_AT_INIT = ["lora", "dora", "ia3", "bitfit", "layernorm", "adapter", "parallel_adapter", "low_rank_adapter",
                     "compacter"]
