@@ -33,7 +33,7 @@ class AttachAfterConfigureModel:
     def __call__(self) -> None:
         pl_module = self.__wrapped__.__self__
         self.__wrapped__()
-        if not list(iter_deltas(pl_module)) and _fully_sharded(pl_module):
+        if not list(iter_deltas(pl_module)) and has_fsdp2_units(pl_module):
             raise DeltaConfigError(
                 f"{type(pl_module).__name__}.configure_model sharded the model before DeltaCallback could attach"
                 " its deltas. Call lightning_delta.distributed.shard(self, mesh) there instead of fully_shard"
@@ -46,7 +46,7 @@ class AttachAfterConfigureModel:
             shard(pl_module, strategy.device_mesh["data_parallel"])
 
 
-def _fully_sharded(module: nn.Module) -> bool:
+def has_fsdp2_units(module: nn.Module) -> bool:
     """Whether FSDP2 sharded ``module`` or a submodule (a tensor-parallel plan alone does not count)."""
     from torch.distributed.fsdp import FSDPModule
 

@@ -315,21 +315,21 @@ class WeightUpdateDelta(Delta):
         """``output + x @ dW.T``; x ``(..., in)``, output ``(..., out)``."""
         return output + F.linear(x, self.update().to(x.dtype)).to(output.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        """The update in the layout of the target's weight."""
+    def delta_weight(self, target: nn.Module) -> torch.Tensor:
+        """The update in the layout of ``target``'s weight (the same signature as LoRA's)."""
         update = self.update()
         return update.T if self.transposed else update
 
     @torch.no_grad()
     def merge(self, target: nn.Module) -> None:
         if not self.merged:
-            target.weight += self.delta_weight().to(target.weight.dtype)
+            target.weight += self.delta_weight(target).to(target.weight.dtype)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self, target: nn.Module) -> None:
         if self.merged:
-            target.weight -= self.delta_weight().to(target.weight.dtype)
+            target.weight -= self.delta_weight(target).to(target.weight.dtype)
             self.merged = False
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from lightning_delta.core import Delta, iter_deltas
 from lightning_delta.errors import DeltaConfigError
+from lightning_delta.tensors import is_partitioned
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
@@ -37,10 +38,8 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def is_sharded(module: nn.Module) -> bool:
-    """Whether any parameter of ``module`` is a DTensor (FSDP2 / tensor parallel already applied)."""
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in module.parameters())
+    """Whether any parameter of ``module`` lives on several ranks (FSDP2 / tensor parallel already applied)."""
+    return any(is_partitioned(p) for p in module.parameters())
 
 
 def _attachers(module: nn.Module) -> list[Any]:

@@ -22,7 +22,7 @@ from lightning_delta.core import iter_deltas
 from lightning_delta.errors import CheckpointReadError, DeltaStateError, TargetError
 from lightning_delta.methods.peft_backend import peft_adapter_modules
 from lightning_delta.targets import candidate_modules, matches
-from lightning_delta.tensors import is_quantized
+from lightning_delta.tensors import is_partitioned, is_quantized
 
 #: Attribute of a model that records its ``trainable`` module patterns.
 TRAINABLE_ATTR = "_lightning_delta_trainable"
@@ -199,13 +199,6 @@ def _samples(tensor: torch.Tensor) -> list[float]:
     return [float(v) for v in flat[index].float().cpu()]
 
 
-def _is_sharded(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is a DTensor (FSDP2 / tensor parallel) or a DeepSpeed ZeRO-3 partitioned
-    parameter: sampling it would need communication."""
-    return type(tensor).__name__ == "DTensor" or type(getattr(tensor, "data", None)).__name__ == "DTensor" \
-        or hasattr(tensor, "ds_shape")
-
-
 def backbone_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The backbone's own tensors by canonical key (delta tensors left out, PEFT's renaming undone)."""
     owners = delta_owners(model)
@@ -255,7 +248,7 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
         k
         for k, t in tensors.items()
         if isinstance(t, nn.Parameter) and not t.requires_grad and t.is_floating_point()
-        and t.device.type != "meta" and not _is_sharded(t) and not is_quantized(t)
+        and t.device.type != "meta" and not is_partitioned(t) and not is_quantized(t)
     ]
     last = len(frozen) - 1
     picks = [frozen[round(i * last / (_SAMPLED_TENSORS - 1))] for i in range(_SAMPLED_TENSORS)] if frozen else []
@@ -304,7 +297,7 @@ def compare_fingerprint(recorded: Mapping[str, Any], model: nn.Module) -> list[s
     differ = [
         k
         for k, values in recorded.get("samples", {}).items()
-        if not _is_sharded(tensors[k]) and not is_quantized(tensors[k])
+        if not is_partitioned(tensors[k]) and not is_quantized(tensors[k])
         and not _close(values, _original_samples(k, tensors[k], offsets))
     ]
     if differ:
