@@ -20,22 +20,17 @@ from typing_extensions import override
 
 from lightning_delta.checkpoint import META_KEY, DeltaCheckpointHooks, checkpoint_metadata, spec_differences
 from lightning_delta.checkpoint_io import AtomicCheckpointIO
-from lightning_delta.recompute import enable_checkpointing
 from lightning_delta.configure_model import AttachAfterConfigureModel
 from lightning_delta.core import DeltaConfig
 from lightning_delta.distributed import install_wrap_policy
 from lightning_delta.engine import detach_delta
 from lightning_delta.errors import DeltaConfigError, DeltaStateError, NonFiniteError
+from lightning_delta.fingerprint import compare_fingerprint
 from lightning_delta.handle import DeltaModel, ensure_attached, to_configs
 from lightning_delta.hf_compat import new_modules
 from lightning_delta.precision import KeepDeltasThroughLayerSwap, KeepTrainableFp32
-from lightning_delta.state import (
-    TRAINABLE_ATTR,
-    compare_fingerprint,
-    local_shard,
-    non_finite_keys,
-    trainable_module_names,
-)
+from lightning_delta.recompute import enable_checkpointing
+from lightning_delta.state import TRAINABLE_ATTR, local_shard, non_finite_keys, trainable_module_names
 from lightning_delta.targets import normalize_patterns
 
 try:  # let LightningCLI / jsonargparse accept `class_path: lightning_delta.LoraConfig` for a DeltaConfig

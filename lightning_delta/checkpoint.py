@@ -20,19 +20,17 @@ from torch import nn
 from lightning_delta.core import DeltaConfig
 from lightning_delta.engine import detach_delta
 from lightning_delta.errors import CheckpointReadError, DeltaStateError, NonFiniteError
-from lightning_delta.peft_format import import_peft
-from lightning_delta.files import read_pair, write_pair
+from lightning_delta.files import read_checkpoint, read_pair, write_pair
+from lightning_delta.fingerprint import compare_fingerprint, fingerprint
 from lightning_delta.handle import DeltaModel, ensure_attached
 from lightning_delta.methods import config_from_dict
+from lightning_delta.peft_format import import_peft
 from lightning_delta.state import (
     TRAINABLE_ATTR,
     check_fit,
-    compare_fingerprint,
-    fingerprint,
     kept_keys,
     load_into,
     non_finite_keys,
-    read_checkpoint,
     state_tensors,
     unowned_trainable_keys,
 )

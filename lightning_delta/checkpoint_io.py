@@ -18,8 +18,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
-from lightning_delta.files import write_file
-from lightning_delta.state import read_checkpoint
+from lightning_delta.files import read_checkpoint, write_file
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

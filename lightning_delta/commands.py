@@ -20,12 +20,12 @@ from torch import nn
 from lightning_delta.callback import DeltaCallback
 from lightning_delta.checkpoint import META_KEY, load_delta, save_delta
 from lightning_delta.errors import DeltaConfigError, DeltaStateError
-from lightning_delta.peft_format import export_peft
+from lightning_delta.files import read_checkpoint
 from lightning_delta.handle import DeltaModel, attach
 from lightning_delta.hf_compat import load_pretrained
 from lightning_delta.lightning_cli import DeltaCLI
 from lightning_delta.method_switch import switch_method
-from lightning_delta.state import read_checkpoint
+from lightning_delta.peft_format import export_peft
 from lightning_delta.tasks.backbones import resolve_source
 from lightning_delta.tree import model_tree, render_plain, render_rich
 from lightning_delta.user_errors import fail, user_errors

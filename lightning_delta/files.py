@@ -25,9 +25,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import pickle
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from lightning_delta.errors import CheckpointReadError
 
@@ -178,3 +182,30 @@ def read_pair(folder: str | Path, payload_name: str, record_name: str,
     raise CheckpointReadError(
         f"{str(folder)!r}: {payload_name} does not belong to {record_name} (SHA-256 {actual[:12]}... where the"
         f" record says {expected[:12]}...): the files come from different saves or were changed; save again")
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Reads a ``.ckpt`` / ``.pt`` file with ``torch.load(weights_only=True)``.
+
+    Raises:
+        CheckpointReadError: missing, truncated or corrupt file, or one that needs full unpickling.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointReadError(f"no checkpoint file at {str(path)!r}")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "GLOBAL" not in str(err):  # a torn or garbled file, not a pickled Python object
+            raise CheckpointReadError(f"cannot read {str(path)!r}: the file is truncated or corrupt") from err
+        raise CheckpointReadError(
+            f"{str(path)!r} holds Python objects beyond tensors and plain containers; lightning_delta refuses to"
+            " unpickle it. If you trust the file, read it yourself with torch.load(path, weights_only=False)"
+            f" and pass the dict ({str(err).splitlines()[0]})"
+        ) from err
+    except Exception as err:  # garbage makes torch's reader fail in many ways (IndexError, struct.error, ...)
+        raise CheckpointReadError(f"cannot read {str(path)!r}: the file is truncated or corrupt"
+                                  f" ({type(err).__name__}: {err})") from err
+    if not isinstance(data, dict):
+        raise CheckpointReadError(f"{str(path)!r} holds a {type(data).__name__}, not a checkpoint dict")
+    return data

@@ -8,7 +8,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 #: modules that must work with torch alone (and transformers where a model needs it)
-TORCH_LEVEL = ("lightning_delta.core", "lightning_delta.targets", "lightning_delta.state", "lightning_delta.tensors",
+TORCH_LEVEL = ("lightning_delta.core", "lightning_delta.engine", "lightning_delta.inits", "lightning_delta.targets",
+               "lightning_delta.state", "lightning_delta.fingerprint", "lightning_delta.tensors",
                "lightning_delta.quantize", "lightning_delta.handle", "lightning_delta.methods")
 
 

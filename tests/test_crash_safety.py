@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from models import tiny_bert
 
 from lightning_delta import DeltaCallback, DeltaModel, attach, load_delta, save_delta
 from lightning_delta.checkpoint_io import AtomicCheckpointIO
-from lightning_delta.state import read_checkpoint
-from models import tiny_bert
+from lightning_delta.files import read_checkpoint
 
 KILLS = 20
 
@@ -96,7 +96,6 @@ def test_sigkill_during_a_callback_checkpoint_on_another_filesystem_keeps_the_pr
     """The checkpoint IO a DeltaCallback run writes with, checkpoint on a tmpfs, $TMPDIR on the disk:
     Lightning's default moved a temporary file across filesystems, a copy a kill could tear."""
     import lightning.pytorch as pl
-
     from lightning_helpers import Classifier, save_pretrained_bert
 
     trainer = pl.Trainer(logger=False, enable_progress_bar=False, default_root_dir=tmp_path)

@@ -7,6 +7,8 @@ import warnings
 import peft
 import pytest
 import torch
+from lightning_helpers import Classifier, ReloadableClassifier, loader, save_pretrained_bert, trainer
+from models import PlainNet, family_inputs, tiny_bert, tiny_gpt2
 from torch import nn
 
 from lightning_delta import (
@@ -19,10 +21,8 @@ from lightning_delta import (
     load_delta,
     save_delta,
 )
+from lightning_delta.fingerprint import compare_fingerprint, fingerprint
 from lightning_delta.peft_format import export_peft
-from lightning_delta.state import compare_fingerprint, fingerprint
-from lightning_helpers import Classifier, ReloadableClassifier, loader, save_pretrained_bert, trainer
-from models import PlainNet, family_inputs, tiny_bert, tiny_gpt2
 
 INITS = ["default", "gaussian", "pissa", "olora"]
 BERT_TARGETS = ["query", "value", "intermediate.dense"]

@@ -11,8 +11,11 @@ from torch import nn
 
 pytest.importorskip("torchao")
 
+from lightning_helpers import trainer  # noqa: E402
+
 from lightning_delta import DeltaCallback, DeltaModel, LoraConfig, attach, load_delta, save_delta  # noqa: E402
 from lightning_delta.errors import MergeError, UnsupportedModuleError  # noqa: E402
+from lightning_delta.fingerprint import compare_fingerprint
 from lightning_delta.quantize import (  # noqa: E402
     NF4Linear,
     dequantize,
@@ -21,8 +24,7 @@ from lightning_delta.quantize import (  # noqa: E402
     quantize_nf4,
     tensor_bytes,
 )
-from lightning_delta.state import compare_fingerprint, fingerprint  # noqa: E402
-from lightning_helpers import trainer  # noqa: E402
+from lightning_delta.fingerprint import fingerprint  # noqa: E402
 
 LORA_TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

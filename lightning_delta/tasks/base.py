@@ -10,12 +10,12 @@ import torch
 from typing_extensions import override
 
 from lightning_delta.checkpoint import META_KEY, attach_from_checkpoint
-from lightning_delta.recompute import enable_checkpointing
 from lightning_delta.distributed import is_sharded, shard
 from lightning_delta.errors import DeltaConfigError
+from lightning_delta.files import read_checkpoint
 from lightning_delta.hf_compat import load_pretrained
 from lightning_delta.optim import param_groups
-from lightning_delta.state import read_checkpoint
+from lightning_delta.recompute import enable_checkpointing
 from lightning_delta.tasks.backbones import resolve_source
 
 
