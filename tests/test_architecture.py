@@ -106,3 +106,11 @@ def test_the_torch_level_engine_imports_no_lightning():
     for start in [m for m in edges if m.startswith(TORCH_LEVEL)]:
         reached = reachable(edges, start)
         assert not {"lightning", "lightning_delta.callback"} & reached, (start, sorted(reached))
+
+
+def test_every_library_file_says_its_job_first_and_stays_under_400_lines():
+    for path in sorted((ROOT / "lightning_delta").rglob("*.py")):
+        text = path.read_text()
+        docstring = ast.get_docstring(ast.parse(text))
+        assert text.startswith('"""') and docstring and docstring.splitlines()[0].strip(), path
+        assert len(text.splitlines()) <= 400, (path, len(text.splitlines()))
