@@ -52,6 +52,7 @@ class DeltaConfig(PeftConversion, abc.ABC):
     supported_types: ClassVar[str] = ""
     decays: ClassVar[bool] = True  #: weight decay on its matrices (False: offsets, scales, embeddings)
     switchable: ClassVar[bool] = True  #: whether ``DeltaModel.set_active`` can switch it on and off
+    packs: ClassVar[bool] = True  #: whether it keeps packed examples (several per row) apart
     loraplus_params: ClassVar[tuple[str, ...]] = ()  #: tensors LoRA+ speeds up (``loraplus_lr_ratio``)
 
     targets: str | list[str] | None = None

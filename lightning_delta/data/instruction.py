@@ -167,11 +167,11 @@ class InstructionData(_TokenizedData):
                 return
 
     def _check_deltas(self) -> None:
-        """Prompt and prefix deltas put virtual tokens in front of each row: packed examples would mix."""
+        """Deltas that cannot keep packed examples apart (prompt and prefix: virtual tokens in front of each row)."""
         model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
         if model is None:
             return
-        rewriting = sorted({d.module.config.method for d in iter_deltas(model)} & {"prompt", "prefix"})
+        rewriting = sorted({d.module.config.method for d in iter_deltas(model) if not d.module.config.packs})
         if rewriting:
             raise ValueError(
                 f"packing=True does not combine with {rewriting} deltas: they put virtual tokens in front of each"

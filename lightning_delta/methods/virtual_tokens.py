@@ -20,6 +20,7 @@ class VirtualTokensConfig(WholeModelConfig):
         num_virtual_tokens: how many virtual tokens (> 0).
     """
 
+    packs = False  # virtual tokens in front of each row: packed examples would mix
     num_virtual_tokens: int = 20
 
     def validate(self) -> None:
