@@ -1,6 +1,5 @@
 """Deltas across processes: FSDP2 sharding (each delta a unit of its own), tensor parallelism with LoRA on
-column- and row-parallel linears, the full/local tensors of delta-only FSDP2 checkpoints, and an FSDP1
-auto-wrap policy that gives delta modules units of their own.
+column- and row-parallel linears, and an FSDP1 auto-wrap policy that gives delta modules units of their own.
 
 With FSDP2 (Lightning's ``ModelParallelStrategy``) the backbone is built in ``configure_model``, after
 ``Callback.setup``; ``DeltaCallback`` attaches right after it
@@ -223,26 +222,6 @@ def _hooks_first(delta: Delta, target: nn.Module) -> None:
     ours = [k for k, hook in target._forward_hooks.items() if getattr(hook, "__self__", None) is delta]
     for key in reversed(ours):
         target._forward_hooks.move_to_end(key, last=False)
-
-
-# -- FSDP2 checkpoints ---------------------------------------------------------------------------
-def _full(value: Any) -> Any:
-    """A DTensor gathered in full (every shard) on the CPU; other values unchanged."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(value, DTensor):
-        value = value.full_tensor()
-    return value.detach().cpu() if isinstance(value, torch.Tensor) else value
-
-
-def _like(value: Any, reference: Any) -> Any:
-    """``value`` (a full tensor) laid out like ``reference`` (a DTensor: this rank's shard of it)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if isinstance(reference, DTensor) and isinstance(value, torch.Tensor) and value.shape == reference.shape:
-        full = value.to(device=reference.device, dtype=reference.dtype)
-        return distribute_tensor(full, reference.device_mesh, reference.placements, src_data_rank=None)
-    return value
 
 
 # -- FSDP1 -------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy, Strategy
 from typing_extensions import override
 
-from lightning_delta.distributed import _full, _like
+from lightning_delta.tensors import distributed_like, gathered
 from lightning_delta.errors import DeltaStateError
 from lightning_delta.state import check_fit, state_tensors
 
@@ -75,12 +75,12 @@ class DeltaModelParallelStrategy(_SingleFileCheckpoints, ModelParallelStrategy):
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         # DeltaCheckpointHooks drop the frozen backbone's entries untouched: no communication for them.
-        return {k: _full(v) for k, v in self.lightning_module.state_dict().items()}
+        return {k: gathered(v) for k, v in self.lightning_module.state_dict().items()}
 
     @override
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         state = _unwrapped(optimizer).state_dict()
-        return {"state": {i: {k: _full(v) for k, v in s.items()} for i, s in state["state"].items()},
+        return {"state": {i: {k: gathered(v) for k, v in s.items()} for i, s in state["state"].items()},
                 "param_groups": state["param_groups"]}
 
     @override
@@ -88,13 +88,14 @@ class DeltaModelParallelStrategy(_SingleFileCheckpoints, ModelParallelStrategy):
         module = self.lightning_module
         tensors = state_tensors(module)
         state = checkpoint["state_dict"]
-        module.load_state_dict({k: _like(v, tensors.get(k)) for k, v in state.items()}, strict=strict)
+        module.load_state_dict({k: distributed_like(v, tensors.get(k)) for k, v in state.items()}, strict=strict)
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
             params = [p for group in optimizer.param_groups for p in group["params"]]
-            converted = {i: {k: _like(v, params[int(i)]) for k, v in s.items()} for i, s in state["state"].items()}
+            converted = {i: {k: distributed_like(v, params[int(i)]) for k, v in s.items()}
+                         for i, s in state["state"].items()}
             optimizer.load_state_dict({**state, "state": converted})
 
 

@@ -16,7 +16,8 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_delta import DeltaCallback, DeltaModel, DeltaModelParallelStrategy, trainable_parameters
-from lightning_delta.distributed import _full, is_sharded, shard
+from lightning_delta.distributed import is_sharded, shard
+from lightning_delta.tensors import gathered
 
 
 class LlamaLM(pl.LightningModule):
@@ -49,7 +50,7 @@ class Report(Callback):
         handle = DeltaModel(pl_module.model)
         trainable = set(map(id, trainable_parameters(pl_module)))
         frozen = [p for p in pl_module.parameters() if id(p) not in trainable]
-        state = {k: _full(v) for k, v in handle.delta_state_dict().items()}  # collective: every rank
+        state = {k: gathered(v) for k, v in handle.delta_state_dict().items()}  # collective: every rank
         report = {
             "state": state,
             "sharded": is_sharded(pl_module),

@@ -24,7 +24,8 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_delta import DeltaCallback, DeltaModel, DeltaModelParallelStrategy, trainable_parameters
-from lightning_delta.distributed import _full, _like, tensor_parallel
+from lightning_delta.distributed import tensor_parallel
+from lightning_delta.tensors import distributed_like, gathered
 from lightning_delta.state import state_tensors
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -76,14 +77,14 @@ class Report(Callback):
         tensors = state_tensors(model)
         with torch.no_grad():
             for key, full in self.state.items():
-                tensors[key].copy_(_like(full, tensors[key]))
+                tensors[key].copy_(distributed_like(full, tensors[key]))
         ids = batches()[:4]
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         frozen = [p for p in model.parameters() if not p.requires_grad]
         self.report.update(
             logits=out.logits.detach().clone(), loss=out.loss.detach().clone(),
-            grads={n: _full(p.grad) for n, p in model.named_parameters() if p.requires_grad},
+            grads={n: gathered(p.grad) for n, p in model.named_parameters() if p.requires_grad},
             placements={n: (type(p).__name__, str(getattr(p, "placements", None)))
                         for n, p in model.named_parameters() if p.requires_grad},
             frozen_with_grad=sum(p.grad is not None for p in frozen),
@@ -94,7 +95,7 @@ class Report(Callback):
     def on_train_end(self, trainer, pl_module):
         model, ids = pl_module.model, batches()[:4]
         handle = DeltaModel(model)
-        state = {k: _full(v) for k, v in handle.delta_state_dict().items()}  # collective: every rank
+        state = {k: gathered(v) for k, v in handle.delta_state_dict().items()}  # collective: every rank
         with torch.no_grad():
             logits = model(input_ids=ids).logits
             handle.merge()
