@@ -233,6 +233,16 @@ def test_masked_ranks_survive_save_load_and_resume(source, tmp_path):
     for d in DeltaModel(resumed.model).deltas():
         assert torch.equal(d.module.rank_mask, masks[d.path])
 
+    # a checkpoint whose callback state names the allocators "adalora" (before training hooks were generic)
+    states = ckpt["callbacks"]
+    (key,) = [k for k, v in states.items() if "hooks" in v]
+    states[key] = {"adalora": states[key]["hooks"]}
+    torch.save(ckpt, tmp_path / "older.ckpt")
+    callback = adalora_callback(total_step=30)
+    trainer(tmp_path, [callback], max_steps=30, max_epochs=-1).fit(
+        Classifier(source, lr=0.02), loader(), ckpt_path=str(tmp_path / "older.ckpt"))
+    assert callback.allocators["adalora"].history[-1][0] == 20
+
 
 def test_gradient_accumulation_allocates_once_per_optimizer_step(source, tmp_path):
     module = Classifier(source, lr=0.02)
