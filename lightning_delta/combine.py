@@ -1,11 +1,13 @@
-"""Combine several LoRA deltas on one backbone into a new LoRA delta.
+"""Combine several deltas on one backbone into a new LoRA delta.
 
-Each source ``i`` contributes its update ``dW_i = s_i * B_i @ A_i`` with weight ``w_i``:
+Each source ``i`` contributes its weight update ``dW_i`` (LoRA's ``s_i * B_i @ A_i``, or the dense update of
+any method whose effect is one: LoHa, LoKr, VeRA, AdaLoRA; :meth:`Delta.additive_update`) with weight ``w_i``:
 
-* ``cat``: ``A = [A_1; A_2; ...]``, ``B = [w_1 s_1 B_1, w_2 s_2 B_2, ...]`` -- exactly ``sum_i w_i dW_i``
-  at rank ``sum_i r_i``.
-* ``linear``: ``A = sum_i sqrt(|w_i| s_i) A_i``, ``B = sum_i sign(w_i) sqrt(|w_i| s_i) B_i`` (equal ranks):
-  a sum of the factors, not of the updates -- cheap, exact only for a single source; as PEFT's.
+* ``cat`` (LoRA sources): ``A = [A_1; A_2; ...]``, ``B = [w_1 s_1 B_1, w_2 s_2 B_2, ...]`` -- exactly
+  ``sum_i w_i dW_i`` at rank ``sum_i r_i``.
+* ``linear`` (LoRA sources of equal ranks): ``A = sum_i sqrt(|w_i| s_i) A_i``,
+  ``B = sum_i sign(w_i) sqrt(|w_i| s_i) B_i``: a sum of the factors, not of the updates -- cheap, exact only
+  for a single source; as PEFT's.
 * ``svd``: ``sum_i w_i dW_i``, truncated to ``rank`` by SVD.
 * ``ties`` (Yadav et al., 2023): keep the ``density`` fraction of largest-magnitude entries of each
   ``dW_i``, elect each entry's sign from the sum of the kept entries, average the weighted entries that
@@ -29,14 +31,9 @@ from torch import nn
 from lightning_delta.core import AttachedDelta, iter_deltas
 from lightning_delta.engine import attach_config
 from lightning_delta.errors import DeltaConfigError
-from lightning_delta.methods.lora import LoraConfig
+from lightning_delta.methods.lora import LoRA, LoraConfig
 
 COMBINATIONS = ("cat", "linear", "svd", "ties", "dare")
-
-
-def _flat(delta: nn.Module) -> torch.Tensor:
-    """``s * B @ A`` as a matrix ``(out, in * kernel)`` in fp32."""
-    return (delta.B.flatten(1).float() @ delta.A.flatten(1).float()) * delta.scale
 
 
 def _trim(update: torch.Tensor, density: float) -> torch.Tensor:
@@ -73,6 +70,16 @@ def _factors(update: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     return u[:, :rank] * s[:rank], vh[:rank]
 
 
+def _rank(delta: nn.Module) -> int:
+    """A source's rank: LoRA's ``r``; for other methods their ``r`` (AdaLoRA: ``target_r``) at most the
+    update's full rank."""
+    if isinstance(delta, LoRA):
+        return delta.config.r
+    shape = delta.additive_update().shape
+    r = getattr(delta.config, "r", None) or getattr(delta.config, "target_r", None) or min(shape)
+    return min(r, *shape)
+
+
 def _check(model: nn.Module, names: Sequence[str], weights: Sequence[float], how: str, density: float,
            name: str) -> dict[str, list[AttachedDelta]]:
     if how not in COMBINATIONS:
@@ -89,11 +96,16 @@ def _check(model: nn.Module, names: Sequence[str], weights: Sequence[float], how
         found = list(iter_deltas(model, n))
         if not found:
             raise DeltaConfigError(f"no delta named {n!r}; attached: {sorted(attached)}")
-        if found[0].module.config.method != "lora":
-            raise DeltaConfigError(f"{n!r} is {found[0].module.config.method!r}: only LoRA deltas combine")
+        method = found[0].module.config.method
+        if how in ("cat", "linear") and not isinstance(found[0].module, LoRA):
+            raise DeltaConfigError(f"{n!r} is {method!r}: how={how!r} joins LoRA factors; use how='svd', 'ties'"
+                                   " or 'dare' for other weight updates")
         if found[0].module.weight_offset() is not None:
             raise DeltaConfigError(f"{n!r} trains beside a residual weight (init={found[0].module.config.init!r}):"
                                    " its update is not relative to the backbone, so it does not combine")
+        if found[0].module.additive_update() is None:
+            raise DeltaConfigError(f"{n!r} is {method!r}, whose effect is not a weight update added to the backbone:"
+                                   " only LoRA, LoHa, LoKr, VeRA and AdaLoRA deltas combine")
         if any(d.module.merged for d in found):
             raise DeltaConfigError(f"{n!r} is merged into the weights: unmerge it before combining")
         by_name[n] = found
@@ -103,9 +115,9 @@ def _check(model: nn.Module, names: Sequence[str], weights: Sequence[float], how
         if other != first:
             diff = sorted(set(first).symmetric_difference(other))
             raise DeltaConfigError(
-                f"{names[0]!r} and {n!r} change different modules (first difference: {diff[:3]}); only LoRAs on the"
-                " same targets combine")
-    ranks = {n: by_name[n][0].module.config.r for n in names}
+                f"{names[0]!r} and {n!r} change different modules (first difference: {diff[:3]}); only deltas on"
+                " the same targets combine")
+    ranks = {n: _rank(by_name[n][0].module) for n in names}
     if how == "linear" and len(set(ranks.values())) > 1:
         raise DeltaConfigError(f"how='linear' needs equal ranks, got {ranks}; use how='cat' or 'svd'")
     return by_name
@@ -122,10 +134,11 @@ def combine_lora(
     density: float = 0.5,
     seed: int = 0,
 ) -> str:
-    """Attaches a new LoRA delta ``name`` that combines LoRA deltas ``names`` of ``model`` (see the module doc).
+    """Attaches a new LoRA delta ``name`` that combines the deltas ``names`` of ``model`` (see the module doc).
 
     Args:
-        names: the LoRA deltas to combine, all on the same targets.
+        names: the deltas to combine (LoRA, or for ``svd``/``ties``/``dare`` any weight-update method), all on
+            the same targets.
         weights: one weight per delta (default: 1 each).
         how: ``"cat"``, ``"linear"``, ``"svd"``, ``"ties"`` or ``"dare"``.
         rank: rank of the result for ``svd``/``ties``/``dare`` (default: the largest source rank).
@@ -136,12 +149,13 @@ def combine_lora(
         ``name``.
 
     Raises:
-        DeltaConfigError: bad arguments, non-LoRA or merged sources, or sources on different targets.
+        DeltaConfigError: bad arguments, sources that are no weight update or are merged, or sources on
+            different targets.
     """
     weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
     by_name = _check(model, names, weights, how, density, name)
     sources = [by_name[n] for n in names]
-    ranks = [group[0].module.config.r for group in sources]
+    ranks = [_rank(group[0].module) for group in sources]
     if how == "cat":
         new_rank = sum(ranks)
     elif how == "linear":
@@ -166,7 +180,7 @@ def combine_lora(
                 a = sum(r * p.A.float() for p, r in zip(parts, roots))
                 b = sum(math.copysign(r, w) * p.B.float() for p, r, w in zip(parts, roots, weights))
             else:
-                updates = [_flat(p) for p in parts]
+                updates = [p.additive_update().float() for p in parts]
                 if how == "svd":
                     total = sum(w * u for u, w in zip(updates, weights))
                 elif how == "ties":

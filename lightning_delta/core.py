@@ -256,11 +256,22 @@ class Delta(nn.Module):
         """
         raise DeltaConfigError(f"{self.config.method!r} does not import PEFT adapters")
 
+    def parts_elsewhere(self) -> list[str]:
+        """Paths, relative to its target, of modules outside this delta that hold its tensors (the PEFT
+        backend's adapters live in PEFT's injected layers); the state selection keeps them. None here."""
+        return []
+
     def on_attach(self, target: nn.Module) -> None:
         """Called once after the hooks are installed at attach: changes to the target itself (none here)."""
 
     def on_detach(self, target: nn.Module) -> None:
         """Called once before the hooks are removed at detach: undoes :meth:`on_attach`."""
+
+    def additive_update(self) -> torch.Tensor | None:
+        """The dense update ``dW`` ``(out, in)`` this delta adds to its target's weight whatever the input, or
+        ``None`` where its effect is no such sum (adapters, DoRA's rescaling): what :mod:`~lightning_delta.combine`
+        adds up."""
+        return None
 
     def weight_offset(self) -> torch.Tensor | None:
         """What attach subtracted from the target's ``weight`` (in its layout), restored at detach.
@@ -316,6 +327,9 @@ class WeightUpdateDelta(Delta):
         """``output + x @ dW.T``; x ``(..., in)``, output ``(..., out)``."""
         return output + F.linear(x, self.update().to(x.dtype)).to(output.dtype)
 
+    def additive_update(self) -> torch.Tensor:
+        return self.update()
+
     def delta_weight(self, target: nn.Module) -> torch.Tensor:
         """The update in the layout of ``target``'s weight (the same signature as LoRA's)."""
         update = self.update()
@@ -342,6 +356,11 @@ class AttachedDelta:
     target_path: str  #: dotted name of the module it changes
     name: str  #: the delta's name (the last component of ``path``)
     module: Delta
+
+    @property
+    def owners(self) -> list[str]:
+        """Paths of the modules whose tensors are this delta's: itself and its :meth:`Delta.parts_elsewhere`."""
+        return [self.path] + [".".join(filter(None, (self.target_path, p))) for p in self.module.parts_elsewhere()]
 
 
 def iter_deltas(model: nn.Module, name: str | None = None) -> Iterator[AttachedDelta]:

@@ -24,6 +24,7 @@ from lightning_delta.methods.peft_backend import PeftDeltaConfig
 from lightning_delta.state import (
     TRAINABLE_ATTR,
     delta_owners,
+    is_under,
     kept_keys,
     load_into,
     state_tensors,
@@ -249,18 +250,16 @@ class DeltaModel:
 
     def combine(self, names: Sequence[str], weights: Sequence[float] | None = None, *, name: str,
                 how: str = "cat", rank: int | None = None, density: float = 0.5, seed: int = 0) -> DeltaModel:
-        """Attaches LoRA delta ``name`` combining LoRA deltas ``names``: see :mod:`lightning_delta.combine`."""
+        """Attaches LoRA delta ``name`` combining the weight updates of deltas ``names``: see
+        :mod:`lightning_delta.combine`."""
         combine_lora(self.model, names, weights, name=name, how=how, rank=rank, density=density, seed=seed)
         return self
 
     # -- parameters and state ---------------------------------------------------------------
     def delta_parameters(self) -> list[nn.Parameter]:
         """The parameters of every delta module, each once."""
-        seen: dict[int, nn.Parameter] = {}
-        for path in delta_owners(self.model):  # our deltas and PEFT's adapter parts
-            for p in self.model.get_submodule(path).parameters():
-                seen.setdefault(id(p), p)
-        return list(seen.values())
+        owners = delta_owners(self.model)  # our deltas and the PEFT backend's parts (some ParameterDict entries)
+        return [p for key, p in self.model.named_parameters() if is_under(key, owners)]
 
     def freeze_backbone(self, trainable: str | Iterable[str] = ()) -> DeltaModel:
         """Freezes every parameter but the deltas' and those of modules matching ``trainable``.

@@ -17,7 +17,6 @@ from torch import nn
 
 from lightning_delta.core import iter_deltas
 from lightning_delta.errors import DeltaStateError, TargetError
-from lightning_delta.methods.peft_backend import peft_adapter_modules
 from lightning_delta.targets import candidate_modules, matches
 
 #: Attribute of a model that records its ``trainable`` module patterns.
@@ -60,8 +59,8 @@ def is_under(key: str, paths: Iterable[str]) -> bool:
 
 
 def delta_owners(model: nn.Module) -> list[str]:
-    """Paths of the modules whose tensors are delta tensors: our deltas and PEFT's adapter parts."""
-    return [d.path for d in iter_deltas(model)] + [path for path, _ in peft_adapter_modules(model)]
+    """Paths of the modules whose tensors are delta tensors (with the PEFT backend's parts in PEFT's layers)."""
+    return [owner for delta in iter_deltas(model) for owner in delta.owners]
 
 
 def canonical(key: str) -> str:
@@ -82,8 +81,7 @@ def kept_keys(model: nn.Module, names: Collection[str] | None = None,
     patterns = getattr(model, TRAINABLE_ATTR, ()) if trainable is None else trainable
     modules = trainable_module_names(model, patterns)
     if names is not None:
-        owners = [d.path for d in iter_deltas(model) if d.name in names]
-        owners += [f"{part}.{name}" for part, _ in peft_adapter_modules(model) for name in names]
+        owners = [owner for delta in iter_deltas(model) if delta.name in names for owner in delta.owners]
         return {key for key in state_tensors(model) if is_under(key, owners + modules)}
     return {
         key

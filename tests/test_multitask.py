@@ -1,12 +1,25 @@
 """Several named deltas on one backbone: switching, per-row selection, separate files, combining, compile."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 from torch import nn
 
-from lightning_delta import DeltaConfigError, DeltaModel, IA3Config, LoraConfig, attach, load_delta, save_delta
+from lightning_delta import (
+    DeltaConfigError,
+    DeltaModel,
+    DoraConfig,
+    IA3Config,
+    LohaConfig,
+    LokrConfig,
+    LoraConfig,
+    VeraConfig,
+    attach,
+    load_delta,
+    save_delta,
+)
 from models import family_inputs, tiny_bert, tiny_llama
 
 
@@ -242,6 +255,49 @@ def test_combine_refuses_bad_input_and_leaves_the_model_alone():
             handle.combine(**kwargs)
         assert list(handle.configs) == ["p", "q"]
         assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def merged_update(model, name):
+    """What merging delta ``name`` alone adds to the target's weight: a reference outside combine's code."""
+    alone = only(model, name)
+    before = alone[0].weight.detach().clone()
+    DeltaModel(alone).merge(name)
+    return alone[0].weight.detach() - before
+
+
+@pytest.mark.parametrize("how", ["svd", "ties", "dare"])
+def test_other_weight_updates_combine_with_lora_by_their_merged_updates(how):
+    """LoHa, LoKr, VeRA and LoRA on one target: the combination is the SVD of the weighted sum of what each
+    would merge (full rank, density 1: nothing trimmed or dropped)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5, bias=False))
+    methods = [LoraConfig(r=2, name="lora"), LohaConfig(r=2, name="loha"), LokrConfig(r=2, name="lokr"),
+               VeraConfig(r=4, name="vera")]
+    handle = attach(model, [dataclasses.replace(c, targets="0") for c in methods])
+    randomize(handle)
+    names, weights = [c.name for c in methods], [1.0, -0.5, 2.0, 0.25]
+    updates = [merged_update(model, n) for n in names]
+    assert all(u.abs().max() > 1e-3 for u in updates)  # each source changes the weight
+    handle.combine(names, weights, name="all", how=how, rank=5, density=1.0)
+    expected = sum(w * u for w, u in zip(weights, updates))
+    if how == "ties":  # density 1: each entry is the mean of the weighted entries whose sign agrees with the sum
+        stacked = torch.stack(updates)
+        agree = stacked.sign() == torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
+        weighted = stacked * torch.tensor(weights).view(-1, 1, 1)
+        expected = (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
+    torch.testing.assert_close(effective(model, "all"), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_only_weight_updates_combine_and_only_lora_factors_concatenate():
+    model = nn.Sequential(nn.Linear(4, 4, bias=False))
+    handle = attach(model, [LoraConfig(r=2, targets="0", name="lora"), LohaConfig(r=2, targets="0", name="loha"),
+                            DoraConfig(r=2, targets="0", name="dora"), IA3Config(targets="0", name="ia3")])
+    for names, how, message in [(["lora", "loha"], "cat", "'loha' is 'loha': how='cat' joins LoRA factors"),
+                                (["lora", "dora"], "svd", "'dora' is 'dora', whose effect is not a weight update"),
+                                (["ia3"], "svd", "'ia3' is 'ia3', whose effect is not a weight update")]:
+        with pytest.raises(DeltaConfigError, match=message):
+            handle.combine(names, name="out", how=how)
+        assert list(handle.configs) == ["lora", "loha", "dora", "ia3"]
 
 
 # -- torch.compile after switching and merging -----------------------------------------------------

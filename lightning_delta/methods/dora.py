@@ -88,6 +88,10 @@ class DoRA(LoRALinear):
         lora = F.linear(F.linear(self.dropout(x), self.A.to(x.dtype)), self.B.to(x.dtype)) * self.scale
         return output + (gain - 1) * base + gain * lora.to(output.dtype)
 
+    def additive_update(self) -> None:
+        """None: the magnitude rescales the whole weight, the update is no sum."""
+        return None
+
     def delta_weight(self, target: nn.Module) -> torch.Tensor:
         raise NotImplementedError("DoRA merges through merge(), not an additive delta weight")
 

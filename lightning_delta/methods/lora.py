@@ -183,6 +183,10 @@ class LoRA(Delta):
             gate = DTensor.from_local(gate, mesh, [Replicate()] * mesh.ndim, run_check=False)
         return output + (update if gate is None else update * gate)
 
+    def additive_update(self) -> torch.Tensor:
+        """``s * B @ A`` in the factors' layout (``(out, in)`` on a Linear, ``(out, in * kernel)`` on a conv)."""
+        return (self.B.flatten(1) @ self.A.flatten(1)) * self.scale
+
     def delta_weight(self, target: nn.Module) -> torch.Tensor:
         """The update in the layout of ``target.weight``: ``s * B @ A``."""
         return (self.B.flatten(1) @ self.A.flatten(1)) * self.scale

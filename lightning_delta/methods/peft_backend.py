@@ -101,6 +101,8 @@ class PeftDeltaConfig(WholeModelConfig):
 class PeftDelta(Delta):
     """The injected PEFT adapter (its tensors live in PEFT's layers): injects on attach, unwraps on detach."""
 
+    _target: tuple[nn.Module, ...] = ()  # the model it injected into, once attached
+
     def hook_into(self, target: nn.Module) -> None:
         peft = _require_peft()
         with torch.random.fork_rng(devices=[]):  # PEFT draws from the global RNG: seed it, then restore it
@@ -126,6 +128,10 @@ class PeftDelta(Delta):
                 for key, value in state.items():
                     out[".".join(filter(None, (prefix.rstrip("."), path, key)))] = value.detach()
         return out
+
+    def parts_elsewhere(self) -> list[str]:
+        return [f"{path}.{self.adapter_name}" for target in self._target
+                for path, part in peft_adapter_modules(target) if self.adapter_name in part]
 
     def unhook_from(self, target: nn.Module) -> None:
         self._target = ()
