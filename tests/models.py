@@ -43,6 +43,25 @@ def tiny_t5(layers: int = 2):
     return T5ForConditionalGeneration(config)
 
 
+def tiny_moe(family: str = "qwen3_moe", experts: int = 4, hidden: int = 16, expert_size: int = 12):
+    """A tiny mixture-of-experts causal LM whose experts transformers stores as fused 3-D parameters:
+    ``qwen3_moe`` and ``mixtral`` ``(E, out, in)``, ``gpt_oss`` ``(E, in, out)`` (``is_transposed``)."""
+    import transformers
+
+    common = dict(vocab_size=99, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=64, num_experts_per_tok=2)
+    config = {
+        "qwen3_moe": lambda: transformers.Qwen3MoeConfig(num_experts=experts, moe_intermediate_size=expert_size,
+                                                         intermediate_size=2 * hidden, head_dim=8, **common),
+        "mixtral": lambda: transformers.MixtralConfig(num_local_experts=experts, intermediate_size=expert_size,
+                                                      **common),
+        "gpt_oss": lambda: transformers.GptOssConfig(num_local_experts=experts, intermediate_size=expert_size,
+                                                     head_dim=8, layer_types=["full_attention"] * 2,
+                                                     **{**common, "max_position_embeddings": 131072}),
+    }[family]()
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
 FAMILIES = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama, "t5": tiny_t5}
 
 

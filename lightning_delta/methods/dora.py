@@ -42,6 +42,8 @@ class DoraConfig(LoraConfig):
         return is_linear_like(module)
 
     def build(self, module: nn.Module, seed: int, path: str = "") -> DoRA:
+        if not self.supports(module):  # fused expert parameters: LoRA's refusal names them
+            return super().build(module, seed, path)
         delta = DoRA(self, module).seeded(seed)
         with torch.no_grad():
             delta.magnitude.copy_(delta.base_weight(module).float().norm(dim=1).to(delta.magnitude.dtype))

@@ -4,7 +4,9 @@
 ``(out, r)``, ``s = alpha / r`` (``alpha / sqrt(r)`` with ``rslora=True``) and ``B = 0`` at
 init, so the attached model computes exactly what the backbone did. Supported targets:
 ``nn.Linear``, transformers' ``Conv1D`` (GPT-2, weight stored ``(in, out)``), ``nn.Embedding``
-and ``nn.Conv2d`` (``A`` is a conv with the target's kernel, ``B`` a 1x1 conv).
+and ``nn.Conv2d`` (``A`` is a conv with the target's kernel, ``B`` a 1x1 conv), and a
+mixture-of-experts' fused 3-D expert parameters named by path (``"mlp.experts.gate_up_proj"``:
+one pair per expert, :mod:`~lightning_delta.methods.expert_lora`).
 
 Initialisations (``init``), as PEFT's ``init_lora_weights``:
 
@@ -28,6 +30,7 @@ They need linear-like targets holding real (non-meta, unsharded) weights at atta
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -37,8 +40,16 @@ from torch import nn
 from lightning_delta.core import Delta, DeltaConfig
 from lightning_delta.errors import UnsupportedModuleError
 from lightning_delta.inits import as_shape, fill_, kaiming_
+from lightning_delta.methods.expert_lora import ExpertLoRA, expert_targets, fused_expert_parameters
 from lightning_delta.methods.fused_lora import lora_branch
-from lightning_delta.targets import is_linear_like
+from lightning_delta.targets import (
+    ALL_LINEAR,
+    candidate_modules,
+    is_linear_like,
+    matches,
+    normalize_patterns,
+    resolve_targets,
+)
 from lightning_delta.tensors import is_quantized
 
 #: ``init`` values; the last two replace the frozen weight by a residual at attach.
@@ -63,7 +74,8 @@ class LoraConfig(DeltaConfig):
     method = "lora"
     loraplus_params = ("B",)  # LoRA+: B learns loraplus_lr_ratio times faster
     lr: float = field(default=0.005, kw_only=True)  # benchmarks.quality --sweep
-    supported_types = "nn.Linear, transformers Conv1D, nn.Embedding and nn.Conv2d (groups=1)"
+    supported_types = ("nn.Linear, transformers Conv1D, nn.Embedding and nn.Conv2d (groups=1), and fused expert"
+                       " parameters by their path (e.g. 'mlp.experts.gate_up_proj')")
 
     r: int = 8
     alpha: float = 16.0
@@ -87,13 +99,17 @@ class LoraConfig(DeltaConfig):
     def peft_config(self, deltas: list, **common):
         import peft
 
-        fan_in_fan_out = any(getattr(d.module, "transposed", False) for d in deltas)
+        experts = [d for d in deltas if isinstance(d.module, ExpertLoRA)]
+        modules = [d for d in deltas if not isinstance(d.module, ExpertLoRA)]
+        fan_in_fan_out = any(getattr(d.module, "transposed", False) for d in modules)
         r, alpha = self.r, self.alpha
         if deltas[0].module.weight_offset() is not None:  # PiSSA / OLoRA: rank 2r, same scale (see peft_state)
             r, alpha = 2 * r, alpha * (2**0.5 if self.rslora else 2)
+        parameters = [f"{d.target_path}.{name}" for d in experts for name in d.module.parameter_names]
         return peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=self.dropout, use_rslora=self.rslora,
-                               use_dora=self.method == "dora", target_modules=[d.target_path for d in deltas],
-                               fan_in_fan_out=fan_in_fan_out, **common)
+                               use_dora=self.method == "dora", target_modules=[d.target_path for d in modules],
+                               fan_in_fan_out=fan_in_fan_out, **({"target_parameters": parameters} if parameters
+                                                                 else {}), **common)
 
     peft_type = "LORA"
 
@@ -104,16 +120,49 @@ class LoraConfig(DeltaConfig):
     @classmethod
     def from_peft(cls, settings, parts, name):
         cls.refuse_peft_options(settings, {"rank_pattern": {}, "alpha_pattern": {}, "bias": "none"})
+        parameters = list(settings.get("target_parameters") or [])
+        # the experts modules of target_parameters hold PEFT's factors for those parameters, not module targets
+        modules = [p for p in sorted(parts) if not any(matches(p, t.rpartition(".")[0]) for t in parameters)]
         return cls(r=int(settings["r"]), alpha=float(settings["lora_alpha"]),
                    dropout=float(settings.get("lora_dropout") or 0.0), rslora=bool(settings.get("use_rslora")),
-                   targets=sorted(parts), **({"name": name} if name else {}))
+                   targets=modules + parameters, **({"name": name} if name else {}))
 
     def supports(self, module: nn.Module) -> bool:
         if isinstance(module, nn.Conv2d):
             return module.groups == 1 and module.padding_mode == "zeros"
         return is_linear_like(module) or isinstance(module, nn.Embedding)
 
-    def build(self, module: nn.Module, seed: int, path: str = "") -> LoRA:
+    def target_names(self, model: nn.Module) -> list[str]:
+        """The modules the targets name, and the experts modules whose fused parameters they name (see
+        :mod:`~lightning_delta.methods.expert_lora`); ``"all-linear"`` leaves experts out, with a warning."""
+        patterns = normalize_patterns(self.preset(model) if self.targets is None else self.targets)
+        exclude = normalize_patterns(self.exclude)
+        params = fused_expert_parameters(model)
+        experts = expert_targets(model, patterns, exclude, matches)
+        by_module = [p for p in patterns if not any(matches(path, p) for path in params)]
+        found = set(resolve_targets(model, by_module, self.supports, exclude=exclude, method=self.method,
+                                    supported_types=self.supported_types) if by_module else ())
+        for pattern in set(patterns) - set(by_module):  # naming expert parameters, and maybe modules too
+            found.update(n for n, m in candidate_modules(model) if matches(n, pattern) and self.supports(m)
+                         and not any(matches(n, e) for e in exclude))
+        left_out = [p for p, (m, n) in params.items() if n not in experts.get(m, ())]
+        if ALL_LINEAR in patterns and left_out:
+            tails = sorted({".".join(p.split(".")[-2:]) for p in left_out})
+            warnings.warn(
+                f"targets='all-linear' leaves out {len(left_out)} fused expert parameters (the experts' weights:"
+                f" {', '.join(tails)}); name them to tune the experts too, e.g. targets=['all-linear',"
+                f" {', '.join(repr(t) for t in tails)}]", stacklevel=2)
+        return [n for n, _ in model.named_modules() if n in found or n in experts]
+
+    def build(self, module: nn.Module, seed: int, path: str = "") -> LoRA | ExpertLoRA:
+        if not self.supports(module):  # an experts module whose fused parameters the targets name
+            names = next(iter(expert_targets(module, normalize_patterns(self.targets), normalize_patterns(self.exclude),
+                                             lambda name, pattern: matches(f"{path}.{name}", pattern)).values()))
+            if self.method != "lora" or self.init in RESIDUAL_INITS:
+                raise UnsupportedModuleError(
+                    f"{self.method} init={self.init!r} on fused expert parameters ({path}: {', '.join(names)}) is"
+                    " not supported; use LoRA with init='default' or 'gaussian' there")
+            return ExpertLoRA(self, module, names).seeded(seed)
         if self.init in RESIDUAL_INITS and not is_linear_like(module):
             raise UnsupportedModuleError(
                 f"lora init={self.init!r} decomposes a linear weight; {path or 'a target'} is a"
