@@ -5,13 +5,17 @@ from __future__ import annotations
 import copy
 import warnings
 
+import lightning.pytorch as pl
 import peft
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import AutoModelForCausalLM
 
-from lightning_delta import DeltaModel, LoraConfig, UnsupportedModuleError, attach
+from lightning_delta import DeltaCallback, DeltaModel, LoraConfig, UnsupportedModuleError, attach, trainable_parameters
 from lightning_delta.peft_format import export_peft, import_peft
+from lightning_helpers import script_report, trainer
 from models import tiny_moe
 
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
@@ -163,3 +167,62 @@ def test_a_training_step_never_forms_a_dense_expert_update():
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
         r=4, target_modules=[], target_parameters=[f"mlp.{p}" for p in EXPERTS]))
     assert largest_in_a_step(theirs) >= fused  # the probe sees a dense fold where there is one
+
+
+class MoeLM(pl.LightningModule):
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        self.model = AutoModelForCausalLM.from_pretrained(source)
+
+    def training_step(self, batch, batch_idx):
+        return self.model(input_ids=batch[0], labels=batch[0]).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(trainable_parameters(self), lr=1e-2)
+
+
+def fit(source, root, epochs, resume=None):
+    module = MoeLM(source)
+    callback = DeltaCallback(LoraConfig(r=2, targets=[*EXPERTS, "q_proj"]))
+    run = trainer(root, [callback], max_epochs=epochs)
+    run.fit(module, DataLoader(TensorDataset(ids(8, 6)), batch_size=4), ckpt_path=resume, weights_only=True)
+    return module, run
+
+
+def test_callback_trains_the_experts_checkpoints_only_deltas_and_resumes_exactly(tmp_path):
+    torch.manual_seed(0)
+    tiny_moe("qwen3_moe").save_pretrained(tmp_path / "moe")
+    source = str(tmp_path / "moe")
+    straight, _ = fit(source, tmp_path / "a", 2)
+    half, run = fit(source, tmp_path / "b", 1)
+    run.save_checkpoint(tmp_path / "half.ckpt")
+    resumed, run = fit(source, tmp_path / "c", 2, resume=tmp_path / "half.ckpt")
+    assert run.global_step == 4
+    saved = torch.load(tmp_path / "half.ckpt", weights_only=True)["state_dict"]
+    expert_keys = {k for k in saved if ".experts." in k}
+    assert expert_keys == {f"model.model.layers.{i}.mlp.experts.lora.{f}.{p}" for i in range(2) for f in "AB"
+                           for p in ("gate_up_proj", "down_proj")}
+    assert all(".lora." in k for k in saved)  # no backbone weight, no router
+    want, got = DeltaModel(straight.model).delta_state_dict(), DeltaModel(resumed.model).delta_state_dict()
+    assert set(want) == set(got) and any(".experts." in k for k in want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6)
+    moved = DeltaModel(half.model).delta_state_dict()
+    assert not torch.equal(moved["model.layers.0.mlp.experts.lora.B.gate_up_proj"],
+                           want["model.layers.0.mlp.experts.lora.B.gate_up_proj"])
+    assert moved["model.layers.0.mlp.experts.lora.B.down_proj"].abs().sum() > 0  # the experts trained
+
+
+def test_fsdp2_on_two_processes_shards_the_expert_deltas_and_matches_one_process(tmp_path):
+    torch.manual_seed(0)
+    tiny_moe("qwen3_moe").save_pretrained(tmp_path / "moe")
+    targets = "experts.gate_up_proj,experts.down_proj,q_proj"
+    two = script_report("fsdp2_train.py", tmp_path / "two", tmp_path / "moe", 2, 2, "--targets", targets)
+    one = script_report("fsdp2_train.py", tmp_path / "one", tmp_path / "moe", 1, 2, "--targets", targets)
+    assert two["sharded"] and two["steps"] == one["steps"] == 4 and two["frozen_with_grad"] == 0
+    assert two["optimizer_states"] == two["trainable"] == 2 * (4 + 2)  # per layer: experts' 2 A + 2 B, q's A, B
+    experts = [k for k in two["state"] if ".experts." in k]
+    assert len(experts) == 8 and all(two["state"][k].shape[0] == 4 for k in experts)  # whole: both ranks' shards
+    for key, value in one["state"].items():
+        torch.testing.assert_close(two["state"][key], value, rtol=1e-5, atol=1e-6)
+    assert all(two["state"][k].abs().sum() > 0 for k in experts if ".B." in k)

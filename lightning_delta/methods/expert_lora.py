@@ -8,7 +8,8 @@ parameter, ``A`` ``(E, r, in)`` and ``B`` ``(E, out, r)``; expert ``e``'s weight
 
 It is applied without copying or renaming the frozen weight and without forming ``W + s B A``:
 while the delta is active, the experts module runs its own eager forward (each hit expert in
-turn), and reading the parameter there gives an :class:`ExpertView` whose per-expert slice turns
+turn) inside the delta's call, and reading the parameter there gives an :class:`ExpertView` whose
+per-expert slice turns
 ``F.linear(x, W[e])`` (or ``x @ W[e]``) into ``x W[e]^T + s (x A[e]^T) B[e]^T``. Any other use of
 the view (a code path written for whole tensors) gets the dense sum instead: right, only heavier.
 """
@@ -145,20 +146,17 @@ def _parameter_property(name: str) -> property:
 
 
 def _with_expert_views(cls: type) -> type:
-    """A subclass of an experts class whose forward runs the eager path with views while deltas apply."""
+    """A subclass of an experts class whose forward, while expert LoRAs apply, runs through them (see
+    :meth:`ExpertLoRA.forward`) into the eager path with views; otherwise the class's own forward."""
     if cls not in _SWAPPED:
         fused = getattr(cls, "forward")
         eager = getattr(fused, "__wrapped__", fused)  # transformers' experts-implementation dispatcher wraps it
 
         def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            views = _delta_views(self)
-            if not views:
+            active = [c for c in self.children() if isinstance(c, ExpertLoRA) and not c.idle]
+            if not active:
                 return fused(self, *args, **kwargs)
-            self.__dict__[VIEWS_ATTR] = views
-            try:
-                return eager(self, *args, **kwargs)
-            finally:
-                del self.__dict__[VIEWS_ATTR]
+            return active[0](self, active[1:], eager, args, kwargs)
 
         swapped = type(cls.__name__, (cls,), {"forward": forward, "_lightning_delta_base": cls})
         swapped.__qualname__ = cls.__qualname__
@@ -171,7 +169,8 @@ def _swap_in(module: nn.Module, names: list[str]) -> None:
     for name in names:
         if not isinstance(cls.__dict__.get(name), property):
             setattr(cls, name, _parameter_property(name))
-    module.__class__ = cls
+    if not isinstance(module, cls):
+        module.__class__ = cls
 
 
 class ExpertLoRA(Delta):
@@ -213,11 +212,23 @@ class ExpertLoRA(Delta):
 
     def unhook_from(self, target: nn.Module) -> None:
         others = [c for c in target.children() if isinstance(c, ExpertLoRA) and c is not self]
-        if not others:
-            target.__class__ = getattr(type(target), "_lightning_delta_base", type(target))
+        if not others and "_lightning_delta_base" in type(target).__dict__:  # (a class FSDP made stays)
+            target.__class__ = type(target)._lightning_delta_base
 
-    def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:  # pragma: no cover - no hook
-        raise NotImplementedError("the experts module's forward applies the factors (see ExpertView)")
+    def forward(self, experts: nn.Module, rest: list[ExpertLoRA], eager: Callable[..., Any], args: tuple,
+                kwargs: dict) -> Any:
+        """The experts module's eager forward with this delta's (and ``rest``'s) factors in its weights.
+
+        It runs inside this module's call, so a wrapper that gathers a module's parameters around its
+        forward (FSDP2, ZeRO-3) has them whole for the experts' computation and its backward.
+        """
+        if rest:
+            return rest[0](experts, rest[1:], eager, args, kwargs)
+        experts.__dict__[VIEWS_ATTR] = _delta_views(experts)
+        try:
+            return eager(experts, *args, **kwargs)
+        finally:
+            del experts.__dict__[VIEWS_ATTR]
 
     def update(self, name: str) -> torch.Tensor:
         """``s * B @ A`` of parameter ``name`` in its layout, ``(E, out, in)`` or ``(E, in, out)``."""

@@ -1,6 +1,7 @@
 """FSDP2 (DeltaModelParallelStrategy on CPU, gloo) with DeltaCallback and a backbone built in configure_model.
 
     python tests/scripts/fsdp2_train.py OUT SOURCE DEVICES MAX_EPOCHS [--resume CKPT] [--explicit-shard]
+        [--checkpointing] [--targets q_proj,v_proj]
 
 Rank 0 writes OUT/report.pt (the full delta state and what each rank's frozen parameters and
 optimizer held) and every rank joins in saving OUT/final.ckpt.
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--resume")
     parser.add_argument("--explicit-shard", action="store_true")
     parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--targets", default="q_proj,v_proj", help="LoRA targets, comma-separated")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(0)
@@ -81,8 +83,8 @@ def main() -> None:
         accelerator="cpu", devices=args.devices, max_epochs=args.max_epochs, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         strategy=DeltaModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1),
-        callbacks=[DeltaCallback("lora", r=4, targets=["q_proj", "v_proj"], gradient_checkpointing=args.checkpointing),
-                   Report(args.out)],
+        callbacks=[DeltaCallback("lora", r=4, targets=args.targets.split(","),
+                                 gradient_checkpointing=args.checkpointing), Report(args.out)],
     )
     trainer.fit(LlamaLM(args.source, args.explicit_shard), data, ckpt_path=args.resume)
     trainer.save_checkpoint(args.out / "final.ckpt")
