@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-ALL = ("vs_peft", "overheads", "multitask", "precision", "checkpointing", "fast_lora", "gpu")
+ALL = ("vs_peft", "overheads", "multitask", "expert_lora", "precision", "checkpointing", "fast_lora", "gpu")
 
 
 def main(names: list[str]) -> None:

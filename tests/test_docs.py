@@ -29,10 +29,10 @@ def block(marker: str) -> str:
 
 
 def test_every_python_block_is_run_or_compiled_here():
-    run = [block("MyTask()"), block("ld.attach(model"), block('set_active("task_b")')]
+    run = [block("MyTask()"), block("ld.attach(model"), block('set_active("task_b")'), block('"experts.gate_up_proj"')]
     for page, code in PYTHON:
         compile(code, page, "exec")  # the fragments (method bodies) at least parse
-    assert len(run) == 3 and len(PYTHON) >= 3
+    assert len(run) == 4 and len(PYTHON) >= 4
 
 
 def test_the_readme_is_a_front_page_that_links_every_page():
@@ -80,6 +80,15 @@ def test_plain_module_block_attaches_merges_and_detaches_exactly(capsys):
     assert "trainable" in capsys.readouterr().out
     torch.testing.assert_close(model(ids), before, rtol=0, atol=0)
     assert not any("lora" in n for n, _ in model.named_modules())
+
+
+def test_expert_block_puts_a_pair_on_every_expert_and_trains_only_deltas(capsys):
+    namespace: dict = {}
+    exec(compile(block('"experts.gate_up_proj"'), "docs/methods.md", "exec"), namespace)
+    assert "torch.Size([4, 8, 16])" in capsys.readouterr().out
+    model = namespace["model"]
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert "model.layers.1.mlp.experts.lora.B.down_proj" in trained and all(".lora." in n for n in trained)
 
 
 def test_multitask_block_runs(tmp_path, monkeypatch):
