@@ -26,6 +26,7 @@ from lightning_delta.distributed import install_wrap_policy
 from lightning_delta.engine import detach_delta
 from lightning_delta.errors import DeltaConfigError, DeltaStateError, NonFiniteError
 from lightning_delta.fingerprint import compare_fingerprint
+from lightning_delta.fit_batches import forward_only, train_batches, untouched_random_state
 from lightning_delta.handle import DeltaModel, ensure_attached, to_configs
 from lightning_delta.hf_compat import new_modules
 from lightning_delta.precision import KeepDeltasThroughLayerSwap, KeepTrainableFp32
@@ -256,6 +257,8 @@ class DeltaCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trained = None
         backbone = pl_module.get_submodule(self.backbone_path(pl_module))
+        if trainer.ckpt_path is None:  # a resumed run has its trained values: no data-driven init again
+            self._init_from_data(trainer, pl_module, backbone)
         self._hooks = {}
         for name, config in DeltaModel(backbone).configs.items():
             hook = config.training_hook(backbone, name, trainer.estimated_stepping_batches)
@@ -265,6 +268,15 @@ class DeltaCallback(Callback):
                 self._hooks[name] = hook
         self._hook_state = {}
         self._last_step = trainer.global_step
+
+    def _init_from_data(self, trainer: pl.Trainer, pl_module: pl.LightningModule, backbone: nn.Module) -> None:
+        """Deltas that start from the training data (LoRA ``init="eva"``) look at the first batches now."""
+        for name, config in DeltaModel(backbone).configs.items():
+            if config.data_batches():
+                with untouched_random_state():
+                    used = config.init_from_data(backbone, name, train_batches(trainer),
+                                                 forward_only(trainer, pl_module))
+                rank_zero_info(f"{name}: {config.method} initialised from {used} training batches")
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -109,6 +109,16 @@ class DeltaConfig(PeftConversion, abc.ABC):
         """This delta's per-run training schedule, or ``None``: an object with ``after_backward(factor)``,
         ``after_step(step)``, ``state_dict()`` and ``load_state_dict(state)``, driven by ``DeltaCallback``."""
         return None
+
+    def data_batches(self) -> int:
+        """How many training batches :meth:`init_from_data` wants at fit start (0: it initialises without data)."""
+        return 0
+
+    def init_from_data(self, backbone: nn.Module, name: str, batches: Iterable[Any],
+                       forward: Callable[[Any], Any]) -> int:
+        """Initialises delta ``name`` from training ``batches`` (``forward(batch)`` runs one through the model)
+        before the first step; returns the number of batches used. ``DeltaCallback`` calls it."""
+        return 0
 
     def tie(self, deltas: list[Delta]) -> None:
         """Shares tensors across the deltas of one attach (e.g. Compacter's hypercomplex rules); no-op."""

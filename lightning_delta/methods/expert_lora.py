@@ -16,6 +16,7 @@ the view (a code path written for whole tensors) gets the dense sum instead: rig
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
@@ -26,6 +27,7 @@ from torch import nn
 from lightning_delta.core import Delta, DeltaConfig
 from lightning_delta.errors import DeltaConfigError
 from lightning_delta.inits import kaiming_
+from lightning_delta.targets import ALL_LINEAR, candidate_modules, matches, normalize_patterns, resolve_targets
 
 #: Attribute of an experts module holding the views its eager forward reads while deltas apply.
 VIEWS_ATTR = "_lightning_delta_expert_views"
@@ -59,6 +61,29 @@ def expert_targets(model: nn.Module, patterns: tuple[str, ...], exclude: tuple[s
         if any(matches(path, p) for p in patterns) and not any(matches(path, e) for e in exclude):
             chosen.setdefault(module_path, []).append(name)
     return chosen
+
+
+def targets_with_experts(config: DeltaConfig, model: nn.Module) -> list[str]:
+    """``config``'s target modules in ``model``, and the experts modules whose fused parameters its targets
+    name; ``"all-linear"`` leaves the experts out and warns, naming what it left."""
+    patterns = normalize_patterns(config.preset(model) if config.targets is None else config.targets)
+    exclude = normalize_patterns(config.exclude)
+    params = fused_expert_parameters(model)
+    experts = expert_targets(model, patterns, exclude, matches)
+    by_module = [p for p in patterns if not any(matches(path, p) for path in params)]
+    found = set(resolve_targets(model, by_module, config.supports, exclude=exclude, method=config.method,
+                                supported_types=config.supported_types) if by_module else ())
+    for pattern in set(patterns) - set(by_module):  # naming expert parameters, and maybe modules too
+        found.update(n for n, m in candidate_modules(model) if matches(n, pattern) and config.supports(m)
+                     and not any(matches(n, e) for e in exclude))
+    left_out = [p for p, (m, n) in params.items() if n not in experts.get(m, ())]
+    if ALL_LINEAR in patterns and left_out:
+        tails = sorted({".".join(p.split(".")[-2:]) for p in left_out})
+        warnings.warn(
+            f"targets='all-linear' leaves out {len(left_out)} fused expert parameters (the experts' weights:"
+            f" {', '.join(tails)}); name them to tune the experts too, e.g. targets=['all-linear',"
+            f" {', '.join(repr(t) for t in tails)}]", stacklevel=3)
+    return [n for n, _ in model.named_modules() if n in found or n in experts]
 
 
 def _fold(factors: list[tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype) -> torch.Tensor:

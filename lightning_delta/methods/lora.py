@@ -30,30 +30,24 @@ They need linear-like targets holding real (non-meta, unsharded) weights at atta
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_delta.core import Delta, DeltaConfig
+from lightning_delta.core import Delta, DeltaConfig, iter_deltas
+from lightning_delta.data_inits import eva_init
 from lightning_delta.errors import UnsupportedModuleError
 from lightning_delta.inits import as_shape, fill_, kaiming_
-from lightning_delta.methods.expert_lora import ExpertLoRA, expert_targets, fused_expert_parameters
+from lightning_delta.methods.expert_lora import ExpertLoRA, expert_targets, targets_with_experts
 from lightning_delta.methods.fused_lora import lora_branch
-from lightning_delta.targets import (
-    ALL_LINEAR,
-    candidate_modules,
-    is_linear_like,
-    matches,
-    normalize_patterns,
-    resolve_targets,
-)
+from lightning_delta.targets import is_linear_like, matches, normalize_patterns
 from lightning_delta.tensors import is_quantized
 
-#: ``init`` values; the last two replace the frozen weight by a residual at attach.
-LORA_INITS = ("default", "gaussian", "pissa", "olora")
+#: ``init`` values; "pissa" and "olora" replace the frozen weight by a residual at attach, "eva" starts from
+#: the training data (:mod:`~lightning_delta.data_inits`, run by ``DeltaCallback`` at fit start).
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "eva")
 RESIDUAL_INITS = ("pissa", "olora")
 
 
@@ -66,9 +60,12 @@ class LoraConfig(DeltaConfig):
         alpha: scaling numerator; the update is scaled by ``alpha / r``.
         dropout: dropout on the LoRA branch's input, in ``[0, 1)``.
         rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA) instead.
-        init: initial values, one of ``"default"``, ``"gaussian"``, ``"pissa"``, ``"olora"`` (see the
-            module docstring); ``"pissa"`` and ``"olora"`` need ``nn.Linear`` / ``Conv1D`` targets
-            and ``r <= min(in, out)``.
+        init: initial values, one of ``"default"``, ``"gaussian"``, ``"pissa"``, ``"olora"``, ``"eva"`` (see
+            the module docstring); ``"pissa"`` and ``"olora"`` need ``nn.Linear`` / ``Conv1D`` targets
+            and ``r <= min(in, out)``; ``"eva"`` ``nn.Linear`` / ``Conv1D`` targets and ``DeltaCallback``.
+        init_batches: ``init="eva"``: at most this many training batches at fit start.
+        eva_tau: ``init="eva"``: a target's components count as converged (and stop updating) once each
+            has a cosine similarity of at least this with its value one batch before.
     """
 
     method = "lora"
@@ -82,6 +79,8 @@ class LoraConfig(DeltaConfig):
     dropout: float = 0.0
     rslora: bool = False
     init: str = "default"
+    init_batches: int = 8
+    eva_tau: float = 0.99
 
     def validate(self) -> None:
         self.check_range("init", self.init, self.init in LORA_INITS, f"one of {', '.join(map(repr, LORA_INITS))}")
@@ -91,6 +90,18 @@ class LoraConfig(DeltaConfig):
                          "a positive number, e.g. alpha=16")
         self.check_range("dropout", self.dropout, isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1,
                          "in [0, 1), e.g. dropout=0.05")
+        self.check_range("init_batches", self.init_batches, isinstance(self.init_batches, int)
+                         and not isinstance(self.init_batches, bool) and self.init_batches > 0, "a positive integer")
+        self.check_range("eva_tau", self.eva_tau, isinstance(self.eva_tau, (int, float)) and 0 < self.eva_tau <= 1,
+                         "in (0, 1], e.g. eva_tau=0.99")
+
+    def data_batches(self) -> int:
+        return self.init_batches if self.init == "eva" else 0
+
+    def init_from_data(self, backbone, name, batches, forward):
+        """EVA: each target's ``A`` from its inputs' principal directions (see :mod:`~lightning_delta.data_inits`)."""
+        deltas = [(d, backbone.get_submodule(d.target_path)) for d in iter_deltas(backbone, name)]
+        return eva_init(deltas, batches, forward, r=self.r, tau=self.eva_tau, limit=self.init_batches)
 
     @property
     def scale(self) -> float:
@@ -135,30 +146,17 @@ class LoraConfig(DeltaConfig):
     def target_names(self, model: nn.Module) -> list[str]:
         """The modules the targets name, and the experts modules whose fused parameters they name (see
         :mod:`~lightning_delta.methods.expert_lora`); ``"all-linear"`` leaves experts out, with a warning."""
-        patterns = normalize_patterns(self.preset(model) if self.targets is None else self.targets)
-        exclude = normalize_patterns(self.exclude)
-        params = fused_expert_parameters(model)
-        experts = expert_targets(model, patterns, exclude, matches)
-        by_module = [p for p in patterns if not any(matches(path, p) for path in params)]
-        found = set(resolve_targets(model, by_module, self.supports, exclude=exclude, method=self.method,
-                                    supported_types=self.supported_types) if by_module else ())
-        for pattern in set(patterns) - set(by_module):  # naming expert parameters, and maybe modules too
-            found.update(n for n, m in candidate_modules(model) if matches(n, pattern) and self.supports(m)
-                         and not any(matches(n, e) for e in exclude))
-        left_out = [p for p, (m, n) in params.items() if n not in experts.get(m, ())]
-        if ALL_LINEAR in patterns and left_out:
-            tails = sorted({".".join(p.split(".")[-2:]) for p in left_out})
-            warnings.warn(
-                f"targets='all-linear' leaves out {len(left_out)} fused expert parameters (the experts' weights:"
-                f" {', '.join(tails)}); name them to tune the experts too, e.g. targets=['all-linear',"
-                f" {', '.join(repr(t) for t in tails)}]", stacklevel=2)
-        return [n for n, _ in model.named_modules() if n in found or n in experts]
+        return targets_with_experts(self, model)
 
     def build(self, module: nn.Module, seed: int, path: str = "") -> LoRA | ExpertLoRA:
+        if self.init == "eva" and not is_linear_like(module):
+            raise UnsupportedModuleError(
+                f"lora init='eva' starts from a linear layer's inputs; {path or 'a target'} is a"
+                f" {type(module).__name__}: exclude it or use init='default'")
         if not self.supports(module):  # an experts module whose fused parameters the targets name
             names = next(iter(expert_targets(module, normalize_patterns(self.targets), normalize_patterns(self.exclude),
                                              lambda name, pattern: matches(f"{path}.{name}", pattern)).values()))
-            if self.method != "lora" or self.init in RESIDUAL_INITS:
+            if self.method != "lora" or self.init not in ("default", "gaussian"):
                 raise UnsupportedModuleError(
                     f"{self.method} init={self.init!r} on fused expert parameters ({path}: {', '.join(names)}) is"
                     " not supported; use LoRA with init='default' or 'gaussian' there")

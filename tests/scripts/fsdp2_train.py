@@ -1,7 +1,7 @@
 """FSDP2 (DeltaModelParallelStrategy on CPU, gloo) with DeltaCallback and a backbone built in configure_model.
 
     python tests/scripts/fsdp2_train.py OUT SOURCE DEVICES MAX_EPOCHS [--resume CKPT] [--explicit-shard]
-        [--checkpointing] [--targets q_proj,v_proj]
+        [--checkpointing] [--targets q_proj,v_proj] [--init eva]
 
 Rank 0 writes OUT/report.pt (the full delta state and what each rank's frozen parameters and
 optimizer held) and every rank joins in saving OUT/final.ckpt.
@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--explicit-shard", action="store_true")
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--targets", default="q_proj,v_proj", help="LoRA targets, comma-separated")
+    parser.add_argument("--init", default="default", help="LoRA init")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(0)
@@ -83,7 +84,7 @@ def main() -> None:
         accelerator="cpu", devices=args.devices, max_epochs=args.max_epochs, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         strategy=DeltaModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1),
-        callbacks=[DeltaCallback("lora", r=4, targets=args.targets.split(","),
+        callbacks=[DeltaCallback("lora", r=4, targets=args.targets.split(","), init=args.init, init_batches=2,
                                  gradient_checkpointing=args.checkpointing), Report(args.out)],
     )
     trainer.fit(LlamaLM(args.source, args.explicit_shard), data, ckpt_path=args.resume)

@@ -1,0 +1,141 @@
+"""Initialisation from training data: EVA (explained variance adaptation) for LoRA's ``A``.
+
+EVA (Paischer et al., 2024) starts each target's ``A`` from the top right-singular vectors of
+the target's inputs over a few batches, ``B = 0`` (so the model still computes what the
+backbone did). As PEFT's ``initialize_lora_eva_weights``, the singular vectors are those of an
+incremental PCA (the inputs centred by their running mean, updated batch by batch), only tokens
+the batch's ``attention_mask`` keeps (and whose ``labels`` are not -100) count, and a target stops
+updating once its ``r`` components have converged: the cosine similarity of each with its value
+one batch before reaches ``tau``. Under ``torch.distributed`` every rank gathers the rows of all
+ranks, so all end with the same factors. Ranks stay ``r`` on every target (PEFT's ``rho=1``): no
+redistribution by explained variance.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightning_delta.tensors import distributed_like
+
+
+class IncrementalPCA:
+    """Top-``k`` principal directions of rows seen batch by batch (Ross et al., 2008; sklearn's update)."""
+
+    def __init__(self, k: int) -> None:
+        self.k, self.seen = k, 0
+        self.mean = self.components = self.singular = None
+
+    def update(self, rows: torch.Tensor) -> None:
+        rows = rows.float()
+        count, batch_mean = rows.shape[0], rows.mean(0)
+        total = self.seen + count
+        if self.seen == 0:
+            stacked, mean = rows - batch_mean, batch_mean
+        else:
+            mean = (self.seen * self.mean + count * batch_mean) / total
+            shift = math.sqrt(self.seen * count / total) * (self.mean - batch_mean)
+            stacked = torch.cat([self.singular[:, None] * self.components, rows - batch_mean, shift[None]])
+        _, singular, vh = torch.linalg.svd(stacked, full_matrices=False)
+        # one sign per direction: its largest-magnitude entry positive (sklearn's svd_flip on V)
+        signs = torch.sign(vh.gather(1, vh.abs().argmax(1, keepdim=True)))
+        self.components, self.singular = (vh * signs)[: self.k], singular[: self.k]
+        self.mean, self.seen = mean, total
+
+
+def _gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, in rank order (ranks may hold different numbers of rows)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    sizes = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([rows.shape[0]], device=rows.device))
+    largest = int(max(s.item() for s in sizes))
+    padded = rows.new_zeros(largest, rows.shape[1])
+    padded[: rows.shape[0]] = rows
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[: int(size.item())] for part, size in zip(parts, sizes)])
+
+
+def token_mask(batch: Any) -> torch.Tensor | None:
+    """The tokens a batch's inputs count for EVA: ``attention_mask`` and ``labels != -100`` where present."""
+    if not isinstance(batch, Mapping) or not isinstance(batch.get("input_ids"), torch.Tensor):
+        return None
+    mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+    labels = batch.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.shape == mask.shape:
+        mask = mask & (labels != -100)
+    return mask
+
+
+class _Inputs:
+    """Forward hook: the target's input rows (masked tokens left out) into its incremental PCA."""
+
+    def __init__(self, k: int, tau: float) -> None:
+        self.pca, self.tau, self.mask = IncrementalPCA(k), tau, None
+        self.converged = False
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        x = args[0].detach()
+        if self.mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(self.mask.shape):
+            x = x[self.mask.to(x.device)]
+        rows = _gather_rows(x.reshape(-1, x.shape[-1]))
+        if rows.shape[0] < self.pca.k:  # as PEFT: too few tokens for k components in this batch
+            return
+        before = self.pca.components
+        self.pca.update(rows)
+        if before is not None:
+            similarity = torch.nn.functional.cosine_similarity(self.pca.components, before)
+            self.converged = bool((similarity >= self.tau).all())
+
+
+@torch.no_grad()
+def eva_init(deltas: list[Any], batches: Iterable[Any], forward: Callable[[Any], Any], *, r: int, tau: float,
+             limit: int) -> int:
+    """Sets each LoRA delta's ``A`` to the top-``r`` principal directions of its target's inputs over at most
+    ``limit`` batches (``B`` zero); returns the number of batches run.
+
+    Args:
+        deltas: the attached deltas (:class:`~lightning_delta.core.AttachedDelta`) and their targets' modules,
+            as ``(attached, target module)`` pairs.
+        batches: training batches; ``forward(batch)`` runs one through the model.
+    """
+    hooks = {d.path: _Inputs(r, tau) for d, _ in deltas}
+    handles = {d.path: target.register_forward_hook(hooks[d.path]) for d, target in deltas}
+    run = 0
+    try:
+        for batch in batches:
+            if run == limit or all(h.converged for h in hooks.values()):
+                break
+            for path, hook in hooks.items():
+                hook.mask = token_mask(batch)
+                if hook.converged and path in handles:  # as PEFT: a converged target stops updating
+                    handles.pop(path).remove()
+            forward(batch)
+            run += 1
+    finally:
+        for handle in handles.values():
+            handle.remove()
+    missing = [d.target_path for d, _ in deltas if hooks[d.path].pca.components is None]
+    if missing:
+        raise ValueError(f"EVA saw no input rows for {missing[:3]} in {run} batches: the train dataloader is empty"
+                         " or its batches never reach these targets")
+    late = [d.target_path for d, _ in deltas if not hooks[d.path].converged]
+    if late:
+        warnings.warn(f"EVA: {len(late)} of {len(deltas)} targets (e.g. {late[0]!r}) had not converged after {run}"
+                      f" batches (cosine similarity below tau={tau}); their A is the estimate so far. Raise"
+                      " init_batches for a converged start", stacklevel=2)
+    for d, _ in deltas:
+        components = hooks[d.path].pca.components
+        a = d.module.A
+        value = torch.zeros(a.shape, dtype=torch.float32)
+        value[: components.shape[0]] = components.cpu()
+        a.copy_(distributed_like(value.to(a.dtype), a))
+        d.module.B.zero_()
+    return run
