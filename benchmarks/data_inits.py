@@ -1,10 +1,10 @@
-"""Data-driven LoRA inits on real data: validation accuracy early and at the end, default vs EVA.
+"""Data-driven LoRA inits on real data: validation accuracy early and at the end, default vs EVA vs LoRA-GA.
 
 ``python -m benchmarks.data_inits``: the pretrained MiniLM on TREC (``../shared/data/trec``) through
 ``SequenceClassification``, ``TextClassificationData`` and ``DeltaCallback(LoraConfig(init=...))`` (LoRA's
 defaults: r=8 on query/value, its default rate; the new head trains whole), the quick setting of
 ``benchmarks.quality`` (150 steps of batch 16, max_length 32), 3 seeds. Scored on 500 training
-questions held out (``benchmarks.quality.split_files``) after 50, 100 and 150 steps. EVA looks at
+questions held out (``benchmarks.quality.split_files``) after 50, 100 and 150 steps. EVA and LoRA-GA look at
 ``init_batches`` (8) batches first: the time it takes is in the table.
 """
 
@@ -23,7 +23,7 @@ import lightning.pytorch as pl
 from benchmarks.harness import write
 from benchmarks.quality import MODEL, SETTINGS, TREC, split_files
 
-INITS = ("default", "eva")
+INITS = ("default", "eva", "lora_ga")
 EVERY = 50
 
 

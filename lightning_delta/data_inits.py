@@ -1,4 +1,4 @@
-"""Initialisation from training data: EVA (explained variance adaptation) for LoRA's ``A``.
+"""Initialisation from training data: EVA and LoRA-GA for LoRA's factors.
 
 EVA (Paischer et al., 2024) starts each target's ``A`` from the top right-singular vectors of
 the target's inputs over a few batches, ``B = 0`` (so the model still computes what the
@@ -9,6 +9,13 @@ updating once its ``r`` components have converged: the cosine similarity of each
 one batch before reaches ``tau``. Under ``torch.distributed`` every rank gathers the rows of all
 ranks, so all end with the same factors. Ranks stay ``r`` on every target (PEFT's ``rho=1``): no
 redistribution by explained variance.
+
+LoRA-GA (Wang et al., 2024) aligns the first step with full fine-tuning: ``G``, the gradient of each
+target's weight averaged over the batches (and over ranks), ``G = U S V^T``; ``A = V[:, :r]^T``,
+``B = U[:, r:2r] S[r:2r] * out**0.25 / sqrt(16)`` (PEFT's defaults: direction "ArB2r", scale "stable",
+gamma 16), and the start ``s B A`` is subtracted so the model begins as the backbone
+(:class:`~lightning_delta.methods.lora_modules.LoRAGALinear`). Each singular pair's sign is fixed (the
+largest entry of ``V``'s column positive), so every rank and every run agree.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_delta.tensors import distributed_like
+from lightning_delta.errors import DeltaConfigError
+from lightning_delta.tensors import distributed_like, is_partitioned
 
 
 class IncrementalPCA:
@@ -138,4 +146,59 @@ def eva_init(deltas: list[Any], batches: Iterable[Any], forward: Callable[[Any],
         value[: components.shape[0]] = components.cpu()
         a.copy_(distributed_like(value.to(a.dtype), a))
         d.module.B.zero_()
+    return run
+
+
+def signed_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``U, S, Vh`` of ``matrix`` with each pair's sign fixed: the largest-magnitude entry of each row of ``Vh``
+    positive."""
+    u, s, vh = torch.linalg.svd(matrix.float(), full_matrices=False)
+    signs = torch.sign(vh.gather(1, vh.abs().argmax(1, keepdim=True)))
+    return u * signs.T, s, vh * signs
+
+
+def _mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+@torch.no_grad()
+def lora_ga_init(deltas: list[Any], batches: Iterable[Any], forward: Callable[..., Any], *, limit: int,
+                 gamma: float = 16.0) -> int:
+    """Sets each LoRA-GA delta's ``A``, ``B`` (and their frozen copies ``A0``, ``B0``) from the gradient of its
+    target's weight over at most ``limit`` batches; returns the number of batches run.
+
+    Args:
+        deltas: ``(attached delta, target module)`` pairs.
+        forward: ``forward(batch, grads_of=[weights])`` runs the loss of ``batch`` backward, accumulating
+            gradients into those weights only.
+    """
+    weights = [target.weight for _, target in deltas]
+    sharded = [d.target_path for (d, _), w in zip(deltas, weights) if type(w).__name__ == "DTensor"
+               or is_partitioned(w)]
+    if sharded:
+        raise DeltaConfigError(f"lora init='lora_ga' needs the whole gradient of each target's weight, and"
+                               f" {sharded[0]!r} is sharded (FSDP2 / ZeRO-3): use init='eva' there, or DDP")
+    for w in weights:
+        w.grad = None
+    run = 0
+    for batch in batches:
+        if run == limit:
+            break
+        with torch.enable_grad():
+            forward(batch, grads_of=weights)
+        run += 1
+    if run == 0:
+        raise ValueError("LoRA-GA saw no training batch: the train dataloader is empty")
+    for (d, _), w in zip(deltas, weights):
+        grad = _mean_over_ranks(w.grad.float() / run)
+        w.grad = None
+        module, r = d.module, d.module.config.r
+        u, s, vh = signed_svd(grad.T if module.transposed else grad)
+        a = vh[:r]
+        b = u[:, r: 2 * r] * s[r: 2 * r] * (u.shape[0] ** 0.25 / gamma**0.5)
+        for tensor, value in ((module.A, a), (module.B, b), (module.A0, a), (module.B0, b)):
+            tensor.copy_(value.to(tensor.dtype))
     return run

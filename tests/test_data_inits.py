@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from lightning_delta import DeltaCallback, DeltaConfigError, DeltaModel, LoraConfig, trainable_parameters
-from lightning_delta.data_inits import IncrementalPCA
+from lightning_delta.data_inits import IncrementalPCA, signed_svd
 from lightning_helpers import launch_script, script_report, trainer
 from models import tiny_llama
 
@@ -113,6 +113,75 @@ def test_eva_equals_peft_on_the_same_batches(tmp_path, monkeypatch):
     assert compared == 4
 
 
+def signed_exact_svd(matrix, q=6, niter=2, M=None):
+    """``torch.svd_lowrank``'s contract, exact, with the library's sign per singular pair."""
+    u, s, vh = signed_svd(matrix)
+    return u, s, vh.T
+
+
+def test_lora_ga_equals_peft_on_the_same_batches_and_starts_as_the_backbone(tmp_path, monkeypatch):
+    """PEFT's randomized SVD (arbitrary signs) made exact with the library's signs: the values are the definition's.
+    PEFT subtracts the start from the weight; here it is subtracted beside it: the same function."""
+    torch.manual_seed(0)
+    base = tiny_llama()
+    batches = lm_batches(3)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="lora_ga",
+                             lora_ga_config=peft.LoraGAConfig())
+    copied = copy.deepcopy(base)
+
+    def train_step():
+        for batch in batches:
+            copied(**batch).loss.backward()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "svd_lowrank", signed_exact_svd)
+        peft.tuners.lora.loraga.preprocess_loraga(copied, config, train_step)
+        theirs = peft.get_peft_model(copied, config).eval()
+    module, first, _ = fit(copy.deepcopy(base), LoraConfig(r=4, alpha=8, targets=TARGETS, init="lora_ga",
+                                                          init_batches=3), batches, root=tmp_path, steps=1)
+    compared = 0
+    for name, layer in theirs.named_modules():
+        if name.endswith(tuple(TARGETS)) and hasattr(layer, "lora_A"):
+            path = name.removeprefix("base_model.model.")
+            for ours, peft_name in (("A", "lora_A"), ("B", "lora_B")):
+                want = getattr(layer, peft_name)["default"].weight
+                torch.testing.assert_close(first[f"{path}.lora.{ours}"], want, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(first[f"{path}.lora.{ours}0"], want, rtol=1e-4, atol=1e-5)
+            compared += 1
+    assert compared == 4
+    ids = batches[0]["input_ids"]
+    fresh = copy.deepcopy(base).eval()
+    attached = copy.deepcopy(base)
+    handle = DeltaModel(attached).attach(LoraConfig(r=4, alpha=8, targets=TARGETS, init="lora_ga")).freeze_backbone()
+    handle.load_delta_state_dict(first)
+    with torch.no_grad():
+        torch.testing.assert_close(attached.eval()(input_ids=ids).logits, fresh(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)  # identity at the start
+        torch.testing.assert_close(theirs(input_ids=ids).logits, fresh(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_ga_checkpoint_holds_its_start_and_reloads_the_same_function(tmp_path):
+    torch.manual_seed(0)
+    base = tiny_llama()
+    config = LoraConfig(r=4, targets=TARGETS, init="lora_ga", init_batches=2)
+    module, _, run = fit(copy.deepcopy(base), config, lm_batches(4), root=tmp_path, steps=3)
+    run.save_checkpoint(tmp_path / "ga.ckpt")
+    state = torch.load(tmp_path / "ga.ckpt", weights_only=True)["state_dict"]
+    assert "model.model.layers.0.self_attn.q_proj.lora.A0" in state and len(state) == 16  # A, B, A0, B0 x 4
+    fresh = copy.deepcopy(base)
+    DeltaModel(fresh).attach(config).freeze_backbone().load_delta_state_dict(
+        {k.removeprefix("model."): v for k, v in state.items()})
+    ids = lm_batches(1)[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(input_ids=ids).logits, module.model.eval()(input_ids=ids).logits)
+    with pytest.raises(DeltaConfigError, match="how='cat' would drop them"):
+        DeltaModel(fresh).combine(["lora"], name="both", how="cat")
+    merged = copy.deepcopy(fresh)
+    DeltaModel(merged).merge()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, fresh(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_eva_leaves_the_data_order_alone_resumes_exactly_and_does_not_run_again(tmp_path):
     torch.manual_seed(0)
     base = tiny_llama()
@@ -147,9 +216,12 @@ def test_eva_configs_are_checked_by_name():
             LoraConfig(**kwargs)
 
 
-def test_eva_on_two_ddp_processes_gives_every_rank_the_factors_of_one_process_on_both_halves(tmp_path):
+@pytest.mark.parametrize("init", ["eva", "lora_ga"])
+def test_two_ddp_processes_give_every_rank_the_factors_of_one_process_on_both_halves(tmp_path, init):
+    """EVA gathers the rows of every rank; LoRA-GA averages the ranks' gradients (each half holds as many
+    tokens, so that is the gradient of the whole)."""
     for devices in (2, 1):
-        done = launch_script("eva_ddp.py", tmp_path / str(devices), devices)
+        done = launch_script("eva_ddp.py", tmp_path / str(devices), devices, init)
         assert done.returncode == 0, done.stderr[-4000:]
     ranks = [torch.load(tmp_path / "2" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     single = torch.load(tmp_path / "1" / "rank0.pt", weights_only=True)

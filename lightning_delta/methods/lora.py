@@ -16,6 +16,8 @@ Initialisations (``init``), as PEFT's ``init_lora_weights``:
   singular triplets, ``A0 = sqrt(S_r / s) V_r^T``, ``B0 = U_r sqrt(S_r / s)``).
 * ``"olora"`` (Büyükakyüz, 2024): ``W = Q R``; ``B0`` = the first ``r`` columns of ``Q``, ``A0``
   the first ``r`` rows of ``R``.
+* ``"eva"`` (Paischer et al., 2024) and ``"lora_ga"`` (Wang et al., 2024): from the first ``init_batches``
+  training batches, which ``DeltaCallback`` runs at fit start (:mod:`~lightning_delta.data_inits`).
 
 PiSSA and OLoRA start with a non-zero update, so at attach the frozen weight becomes the residual
 ``W - s B0 A0`` (the model still computes what the backbone did, up to float rounding), and
@@ -35,15 +37,24 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lightning_delta.core import DeltaConfig, iter_deltas
-from lightning_delta.data_inits import eva_init
+from lightning_delta.data_inits import eva_init, lora_ga_init
 from lightning_delta.errors import UnsupportedModuleError
 from lightning_delta.methods.expert_lora import ExpertLoRA, expert_targets, targets_with_experts
-from lightning_delta.methods.lora_modules import RESIDUAL_INITS, LoRA, LoRAConv2d, LoRAEmbedding, LoRALinear
+from lightning_delta.methods.lora_modules import (
+    RESIDUAL_INITS,
+    LoRA,
+    LoRAConv2d,
+    LoRAEmbedding,
+    LoRAGALinear,
+    LoRALinear,
+)
 from lightning_delta.targets import is_linear_like, matches, normalize_patterns
 
 #: ``init`` values; "pissa" and "olora" replace the frozen weight by a residual at attach, "eva" starts from
 #: the training data (:mod:`~lightning_delta.data_inits`, run by ``DeltaCallback`` at fit start).
-LORA_INITS = ("default", "gaussian", "pissa", "olora", "eva")
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "eva", "lora_ga")
+#: ``init`` values that start from the training data
+DATA_INITS = ("eva", "lora_ga")
 
 
 @dataclass
@@ -55,10 +66,11 @@ class LoraConfig(DeltaConfig):
         alpha: scaling numerator; the update is scaled by ``alpha / r``.
         dropout: dropout on the LoRA branch's input, in ``[0, 1)``.
         rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA) instead.
-        init: initial values, one of ``"default"``, ``"gaussian"``, ``"pissa"``, ``"olora"``, ``"eva"`` (see
-            the module docstring); ``"pissa"`` and ``"olora"`` need ``nn.Linear`` / ``Conv1D`` targets
-            and ``r <= min(in, out)``; ``"eva"`` ``nn.Linear`` / ``Conv1D`` targets and ``DeltaCallback``.
-        init_batches: ``init="eva"``: at most this many training batches at fit start.
+        init: initial values, one of ``"default"``, ``"gaussian"``, ``"pissa"``, ``"olora"``, ``"eva"``,
+            ``"lora_ga"`` (see the module docstring); ``"pissa"``, ``"olora"`` need ``nn.Linear`` / ``Conv1D``
+            targets and ``r <= min(in, out)``; ``"eva"`` and ``"lora_ga"`` (``2r <= min(in, out)``) need
+            ``nn.Linear`` / ``Conv1D`` targets and ``DeltaCallback``, which runs them at fit start.
+        init_batches: ``init="eva"`` or ``"lora_ga"``: at most this many training batches at fit start.
         eva_tau: ``init="eva"``: a target's components count as converged (and stop updating) once each
             has a cosine similarity of at least this with its value one batch before.
     """
@@ -91,11 +103,14 @@ class LoraConfig(DeltaConfig):
                          "in (0, 1], e.g. eva_tau=0.99")
 
     def data_batches(self) -> int:
-        return self.init_batches if self.init == "eva" else 0
+        return self.init_batches if self.init in DATA_INITS else 0
 
     def init_from_data(self, backbone, name, batches, forward):
-        """EVA: each target's ``A`` from its inputs' principal directions (see :mod:`~lightning_delta.data_inits`)."""
+        """EVA: each target's ``A`` from its inputs' principal directions; LoRA-GA: ``A``, ``B`` from the gradient
+        of its weight (see :mod:`~lightning_delta.data_inits`)."""
         deltas = [(d, backbone.get_submodule(d.target_path)) for d in iter_deltas(backbone, name)]
+        if self.init == "lora_ga":
+            return lora_ga_init(deltas, batches, forward, limit=self.init_batches)
         return eva_init(deltas, batches, forward, r=self.r, tau=self.eva_tau, limit=self.init_batches)
 
     @property
@@ -109,7 +124,8 @@ class LoraConfig(DeltaConfig):
         modules = [d for d in deltas if not isinstance(d.module, ExpertLoRA)]
         fan_in_fan_out = any(getattr(d.module, "transposed", False) for d in modules)
         r, alpha = self.r, self.alpha
-        if deltas[0].module.weight_offset() is not None:  # PiSSA / OLoRA: rank 2r, same scale (see peft_state)
+        if any(getattr(d.module, "start_factors", lambda: None)() is not None for d in deltas):
+            # PiSSA / OLoRA / LoRA-GA: rank 2r, same scale (see peft_state)
             r, alpha = 2 * r, alpha * (2**0.5 if self.rslora else 2)
         parameters = [f"{d.target_path}.{name}" for d in experts for name in d.module.parameter_names]
         return peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=self.dropout, use_rslora=self.rslora,
@@ -144,10 +160,14 @@ class LoraConfig(DeltaConfig):
         return targets_with_experts(self, model)
 
     def build(self, module: nn.Module, seed: int, path: str = "") -> LoRA | ExpertLoRA:
-        if self.init == "eva" and not is_linear_like(module):
+        if self.init in DATA_INITS and not is_linear_like(module):
             raise UnsupportedModuleError(
-                f"lora init='eva' starts from a linear layer's inputs; {path or 'a target'} is a"
+                f"lora init={self.init!r} starts from a linear layer's inputs or gradient; {path or 'a target'} is a"
                 f" {type(module).__name__}: exclude it or use init='default'")
+        if self.init == "lora_ga" and 2 * self.r > min(module.weight.shape):
+            raise UnsupportedModuleError(
+                f"lora init='lora_ga' takes 2r = {2 * self.r} singular directions of the gradient; {path or 'a target'}"
+                f" has a {tuple(module.weight.shape)} weight: use r <= {min(module.weight.shape) // 2}")
         if not self.supports(module):  # an experts module whose fused parameters the targets name
             names = next(iter(expert_targets(module, normalize_patterns(self.targets), normalize_patterns(self.exclude),
                                              lambda name, pattern: matches(f"{path}.{name}", pattern)).values()))
@@ -165,7 +185,7 @@ class LoraConfig(DeltaConfig):
         elif isinstance(module, nn.Conv2d):
             delta = LoRAConv2d(self, module)
         else:
-            delta = LoRALinear(self, module)
+            delta = LoRAGALinear(self, module) if self.init == "lora_ga" else LoRALinear(self, module)
         delta.seeded(seed)
         if self.init in RESIDUAL_INITS:
             delta.init_from_weight(module, path)

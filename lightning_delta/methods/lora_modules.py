@@ -50,12 +50,17 @@ class LoRA(Delta):
         else:
             kaiming_(self.A, self.generator())
 
+    def start_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(A0, B0)`` where the delta's update is relative to a non-zero start (PiSSA, OLoRA, LoRA-GA)."""
+        return None
+
     def peft_state(self, prefix: str) -> dict[str, torch.Tensor]:
         a, b = self.A.detach(), self.B.detach()
-        if self.weight_offset() is not None:
-            # trained beside the residual W - s B0 A0, loaded onto W: W_res + s B A = W + s [B, -B0] [A; A0],
-            # as PEFT's own conversion of PiSSA / OLoRA adapters
-            a, b = torch.cat([a, self.A0.to(a.dtype)], dim=0), torch.cat([b, -self.B0.to(b.dtype)], dim=1)
+        start = self.start_factors()
+        if start is not None:
+            # trained beside W - s B0 A0 (a residual weight, or LoRA-GA's subtracted start), loaded onto W:
+            # W - s B0 A0 + s B A = W + s [B, -B0] [A; A0], as PEFT's own conversion of PiSSA / OLoRA adapters
+            a, b = torch.cat([a, start[0].to(a.dtype)], dim=0), torch.cat([b, -start[1].to(b.dtype)], dim=1)
         names = ("lora_embedding_A", "lora_embedding_B") if isinstance(self, LoRAEmbedding) else \
             ("lora_A.weight", "lora_B.weight")
         return {f"{prefix}.{names[0]}": a, f"{prefix}.{names[1]}": b}
@@ -146,6 +151,9 @@ class LoRALinear(LoRA):
         for param, value in ((self.A, a), (self.B, b), (self.A0, a), (self.B0, b)):
             param.copy_(value)
 
+    def start_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return (self.A0, self.B0) if self.residual else None
+
     def weight_offset(self) -> torch.Tensor | None:
         """``s B0 A0`` in the target weight's layout: what attach took out of the weight (PiSSA / OLoRA)."""
         if not self.residual:
@@ -196,6 +204,37 @@ class LoRALinear(LoRA):
     def delta_weight(self, target: nn.Module) -> torch.Tensor:
         update = super().delta_weight(target)
         return update.T if self.transposed else update
+
+
+class LoRAGALinear(LoRALinear):
+    """LoRA-GA: starts from factors fitted to the weight's gradient (``A0 = A``, ``B0 = B``, set from the first
+    training batches by :func:`~lightning_delta.data_inits.lora_ga_init`), kept as frozen, saved buffers whose
+    product is subtracted: ``y = W x + s B A dropout(x) - s B0 A0 x``. The model starts as the backbone with its
+    weights untouched (PEFT subtracts ``s B0 A0`` from ``W`` instead: the same function, the same gradients)."""
+
+    row_selectable = False
+
+    def __init__(self, config: Any, target: nn.Module):
+        super().__init__(config, target)
+        self.register_buffer("A0", torch.zeros_like(self.A))
+        self.register_buffer("B0", torch.zeros_like(self.B))
+
+    def start_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.A0, self.B0
+
+    def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x, output)
+        return out - F.linear(F.linear(x, self.A0.to(x.dtype)), (self.B0 * self.scale).to(x.dtype)).to(out.dtype)
+
+    def additive_update(self) -> torch.Tensor:
+        return (self.B @ self.A - self.B0 @ self.A0) * self.scale
+
+    def delta_weight(self, target: nn.Module) -> torch.Tensor:
+        update = self.additive_update()
+        return update.T if self.transposed else update
+
+    def tensor_parallel_layout(self, style: str) -> str:
+        return "LoRA-GA (init='lora_ga') has no tensor-parallel layout; use init='default' there"
 
 
 class LoRAEmbedding(LoRA):

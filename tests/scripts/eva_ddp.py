@@ -1,6 +1,7 @@
-"""EVA at fit start on DEVICES CPU processes (gloo DDP); each rank saves the factors it starts training with.
+"""A data-driven LoRA init at fit start on DEVICES CPU processes (gloo DDP); each rank saves the factors it
+starts training with.
 
-    python tests/scripts/eva_ddp.py OUT DEVICES
+    python tests/scripts/eva_ddp.py OUT DEVICES [INIT]   (INIT: eva, the default, or lora_ga)
 
 The data: 8 causal-LM batches of 4 rows. On 2 processes rank r takes batches r, r + 2, ... (no distributed
 sampler), so one step sees batches 2i and 2i+1; on 1 process the same pairs come concatenated.
@@ -42,13 +43,14 @@ class Save(Callback):
 
 def main() -> None:
     out, devices = Path(sys.argv[1]), int(sys.argv[2])
+    init = sys.argv[3] if len(sys.argv) > 3 else "eva"
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = tiny_llama()
     batches = lm_batches(8, vocab=7)
     if devices == 1:
         batches = [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in zip(batches[::2], batches[1::2])]
-    config = LoraConfig(r=4, targets=["q_proj", "v_proj"], init="eva", init_batches=4, eva_tau=0.95)
+    config = LoraConfig(r=4, targets=["q_proj", "v_proj"], init=init, init_batches=4, eva_tau=0.95)
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
                          max_steps=1, use_distributed_sampler=False, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
