@@ -100,12 +100,12 @@ def _check(model: nn.Module, names: Sequence[str], weights: Sequence[float], how
         if how in ("cat", "linear") and not isinstance(found[0].module, LoRA):
             raise DeltaConfigError(f"{n!r} is {method!r}: how={how!r} joins LoRA factors; use how='svd', 'ties'"
                                    " or 'dare' for other weight updates")
-        if how in ("cat", "linear") and getattr(found[0].module, "start_factors", lambda: None)() is not None:
-            raise DeltaConfigError(f"{n!r} (init={found[0].module.config.init!r}) is relative to its start factors:"
-                                   f" how={how!r} would drop them; use how='svd', 'ties' or 'dare'")
         if found[0].module.weight_offset() is not None:
             raise DeltaConfigError(f"{n!r} trains beside a residual weight (init={found[0].module.config.init!r}):"
                                    " its update is not relative to the backbone, so it does not combine")
+        if how in ("cat", "linear") and getattr(found[0].module, "start_factors", lambda: None)() is not None:
+            raise DeltaConfigError(f"{n!r} (init={found[0].module.config.init!r}) is relative to its start factors:"
+                                   f" how={how!r} would drop them; use how='svd', 'ties' or 'dare'")
         if found[0].module.additive_update() is None:
             raise DeltaConfigError(f"{n!r} is {method!r}, whose effect is not a weight update added to the backbone:"
                                    " only LoRA, LoHa, LoKr, VeRA and AdaLoRA deltas combine")
