@@ -100,8 +100,9 @@ def main() -> None:
                                 round(statistics.stdev(r["val_acc"][s] for r in mine), 4) if len(mine) > 1 else 0.0)
                        for s in steps}
         table[init]["start_s"] = round(statistics.mean(r["start_s"] for r in mine), 2)
-    path = write("data_inits_lrs" if args.lrs else "data_inits", {"model": MODEL, "data": "TREC, 500 training questions held out",
-                                "setting": SETTINGS["quick"], "seeds": args.seeds, "table": table, "runs": runs})
+    path = write("data_inits_lrs" if args.lrs else "data_inits",
+                 {"model": MODEL, "data": "TREC, 500 training questions held out", "setting": SETTINGS["quick"],
+                  "seeds": args.seeds, "table": table, "runs": runs})
     steps = [k for k in next(iter(table.values())) if k != "start_s"]
     print("| init | " + " | ".join(f"val acc @ {s}" for s in steps) + " | fit start to step 1 (s) |")
     print("|---|" + "---:|" * (len(steps) + 1))
