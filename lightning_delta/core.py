@@ -316,7 +316,25 @@ class Delta(nn.Module):
         raise MergeError(self.merge_blocker(target) or f"{type(self).__name__} does not implement unmerge")
 
 
-class WeightUpdateDelta(Delta):
+class MergesDeltaWeight:
+    """Merge and unmerge for a delta whose ``delta_weight(target)`` is added to ``target.weight``."""
+
+    merged: bool
+
+    @torch.no_grad()
+    def merge(self, target: nn.Module) -> None:
+        if not self.merged:
+            target.weight += self.delta_weight(target).to(target.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self, target: nn.Module) -> None:
+        if self.merged:
+            target.weight -= self.delta_weight(target).to(target.weight.dtype)
+            self.merged = False
+
+
+class WeightUpdateDelta(MergesDeltaWeight, Delta):
     """A delta on a Linear-like target whose effect is a dense weight update ``dW`` ``(out, in)``.
 
     Subclasses implement :meth:`update`; merging adds it to the target's weight (transposed for
@@ -345,17 +363,6 @@ class WeightUpdateDelta(Delta):
         update = self.update()
         return update.T if self.transposed else update
 
-    @torch.no_grad()
-    def merge(self, target: nn.Module) -> None:
-        if not self.merged:
-            target.weight += self.delta_weight(target).to(target.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self, target: nn.Module) -> None:
-        if self.merged:
-            target.weight -= self.delta_weight(target).to(target.weight.dtype)
-            self.merged = False
 
 
 @dataclass(frozen=True)

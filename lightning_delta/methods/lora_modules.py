@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_delta.core import Delta
+from lightning_delta.core import Delta, MergesDeltaWeight
 from lightning_delta.errors import UnsupportedModuleError
 from lightning_delta.inits import as_shape, fill_, kaiming_
 from lightning_delta.methods.fused_lora import lora_branch
@@ -22,7 +22,7 @@ from lightning_delta.tensors import is_quantized
 RESIDUAL_INITS = ("pissa", "olora")
 
 
-class LoRA(Delta):
+class LoRA(MergesDeltaWeight, Delta):
     """Shared parts of the LoRA variants: the two factors, scaling and merge."""
 
     mergeable = True
@@ -86,19 +86,8 @@ class LoRA(Delta):
 
     def delta_weight(self, target: nn.Module) -> torch.Tensor:
         """The update in the layout of ``target.weight``: ``s * B @ A``."""
-        return (self.B.flatten(1) @ self.A.flatten(1)) * self.scale
+        return self.additive_update()
 
-    @torch.no_grad()
-    def merge(self, target: nn.Module) -> None:
-        if not self.merged:
-            target.weight += self.delta_weight(target).to(target.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self, target: nn.Module) -> None:
-        if self.merged:
-            target.weight -= self.delta_weight(target).to(target.weight.dtype)
-            self.merged = False
 
 
 class LoRALinear(LoRA):
@@ -228,10 +217,6 @@ class LoRAGALinear(LoRALinear):
 
     def additive_update(self) -> torch.Tensor:
         return (self.B @ self.A - self.B0 @ self.A0) * self.scale
-
-    def delta_weight(self, target: nn.Module) -> torch.Tensor:
-        update = self.additive_update()
-        return update.T if self.transposed else update
 
     def tensor_parallel_layout(self, style: str) -> str:
         return "LoRA-GA (init='lora_ga') has no tensor-parallel layout; use init='default' there"
