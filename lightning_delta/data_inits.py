@@ -114,6 +114,10 @@ def eva_init(deltas: list[Any], batches: Iterable[Any], forward: Callable[[Any],
             as ``(attached, target module)`` pairs.
         batches: training batches; ``forward(batch)`` runs one through the model.
     """
+    partitioned = [d.target_path for d, _ in deltas if is_partitioned(d.module.A)]
+    if partitioned:
+        raise DeltaConfigError(f"lora init='eva' writes whole factors, and {partitioned[0]!r}'s are partitioned by"
+                               " DeepSpeed ZeRO-3: use ZeRO stage 2, DDP or FSDP2 with it")
     hooks = {d.path: _Inputs(r, tau) for d, _ in deltas}
     handles = {d.path: target.register_forward_hook(hooks[d.path]) for d, target in deltas}
     run = 0
@@ -193,8 +197,11 @@ def lora_ga_init(deltas: list[Any], batches: Iterable[Any], forward: Callable[..
     if run == 0:
         raise ValueError("LoRA-GA saw no training batch: the train dataloader is empty")
     for (d, _), w in zip(deltas, weights):
-        grad = _mean_over_ranks(w.grad.float() / run)
+        grad = _mean_over_ranks(torch.zeros(w.shape) if w.grad is None else w.grad.float() / run)
         w.grad = None
+        if not bool(grad.any()):
+            raise ValueError(f"LoRA-GA: no gradient reached {d.target_path!r} in {run} batches (is it on the loss's"
+                             " path?); exclude it or use init='default'")
         module, r = d.module, d.module.config.r
         u, s, vh = signed_svd(grad.T if module.transposed else grad)
         a = vh[:r]

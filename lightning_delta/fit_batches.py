@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader
 
 
 @contextlib.contextmanager
@@ -42,9 +44,12 @@ def untouched_random_state() -> Iterator[None]:
 
 
 def train_batches(trainer: pl.Trainer) -> Iterator[Any]:
-    """Batches of the Trainer's (first) train dataloader from a fresh iterator, on the module's device."""
-    loaders = getattr(trainer.train_dataloader, "flattened", None) or [trainer.train_dataloader]
-    for batch in loaders[0]:
+    """Batches as ``training_step`` gets them, from fresh iterators of the Trainer's train dataloaders (several
+    combine as the fit loop does), on the module's device."""
+    loaders = trainer.train_dataloader
+    if isinstance(loaders, (Mapping, Sequence)) and not isinstance(loaders, DataLoader):
+        loaders = (batch for batch, _, _ in CombinedLoader(loaders, "max_size_cycle"))
+    for batch in loaders:
         yield trainer.strategy.batch_to_device(batch, dataloader_idx=0)  # the module's transfer hooks too
 
 

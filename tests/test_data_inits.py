@@ -209,6 +209,28 @@ def test_eva_leaves_the_data_order_alone_resumes_exactly_and_does_not_run_again(
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6)
 
 
+class TwoLoaders(LM):
+    """``training_step`` gets one batch of each of two train dataloaders (Lightning's combined batch)."""
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.seen.append(batch["a"]["input_ids"][:, 0].clone())
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch["a"]).loss + self.model(**batch["b"]).loss
+
+
+def test_several_train_dataloaders_are_combined_as_the_fit_loop_combines_them(tmp_path):
+    torch.manual_seed(0)
+    module = TwoLoaders(tiny_llama())
+    batches = lm_batches(4)
+    probe = FirstValues()
+    run = trainer(tmp_path, [DeltaCallback(LoraConfig(r=4, targets=TARGETS, init="lora_ga", init_batches=2)),
+                             probe], max_steps=1)
+    run.fit(module, {"a": DataLoader(batches, batch_size=None), "b": DataLoader(batches[:2], batch_size=None)})
+    start = probe.values["model.layers.0.self_attn.q_proj.lora.A0"]
+    assert start.abs().sum() > 0 and torch.equal(start, probe.values["model.layers.0.self_attn.q_proj.lora.A"])
+
+
 def test_eva_configs_are_checked_by_name():
     for kwargs, message in [({"init_batches": 0}, "init_batches=0"), ({"eva_tau": 1.5}, "eva_tau=1.5"),
                             ({"init": "evaa"}, "init='evaa'")]:
