@@ -114,7 +114,7 @@ def eva_init(deltas: list[Any], batches: Iterable[Any], forward: Callable[[Any],
             as ``(attached, target module)`` pairs.
         batches: training batches; ``forward(batch)`` runs one through the model.
     """
-    partitioned = [d.target_path for d, _ in deltas if is_partitioned(d.module.A)]
+    partitioned = [d.target_path for d, _ in deltas if hasattr(d.module.A, "ds_shape")]  # (a DTensor is fine)
     if partitioned:
         raise DeltaConfigError(f"lora init='eva' writes whole factors, and {partitioned[0]!r}'s are partitioned by"
                                " DeepSpeed ZeRO-3: use ZeRO stage 2, DDP or FSDP2 with it")
