@@ -122,7 +122,7 @@ def test_bf16_model_step_is_at_least_as_close_to_fp32_as_the_composed_path(devic
 
 def test_autocast_step_is_at_least_as_close_to_fp32_as_the_composed_path(monkeypatch):
     """bf16-mixed: an fp32 model under autocast; the fused branch runs in bf16 like the composed ops."""
-    from lightning_delta.methods import lora
+    from lightning_delta.methods import lora_modules as lora  # where LoRALinear calls the fused branch
 
     model, composed = _fused_and_composed(torch.float32)
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
