@@ -74,21 +74,30 @@ class CommBytes:
             delattr(self.backend, name)  # the instance attributes: the class's methods show again
 
 
+def full_value(param: torch.Tensor) -> torch.Tensor:
+    """A parameter's full value: under ZeRO-3 every rank's partition (``ds_tensor``) all-gathered and unpadded."""
+    if not hasattr(param, "ds_tensor"):
+        return param.detach().clone()
+    part = param.ds_tensor.detach().clone()
+    parts = [torch.empty_like(part) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, part)
+    return torch.cat(parts)[: param.ds_numel].view(param.ds_shape).clone()
+
+
 class Report(Callback):
     def __init__(self, out: Path) -> None:
         self.out = out
 
     def on_train_end(self, trainer, pl_module):
-        import deepspeed
-
         frozen = [p for p in pl_module.parameters() if not p.requires_grad]
         self.partitioned = sum(p.numel() == 0 for p in frozen)
         self.frozen_with_grad = sum(p.grad is not None for p in frozen)
         self.dtypes = {"frozen": sorted({str(p.dtype) for p in frozen}),
                        "trained": sorted({str(p.dtype) for p in pl_module.parameters() if p.requires_grad})}
-        trained = {k: p for k, p in pl_module.named_parameters() if p.requires_grad}
-        with deepspeed.zero.GatheredParameters(list(trained.values()), modifier_rank=None):  # the live values
-            self.state = {k: p.detach().clone() for k, p in trained.items()}
+        # the live values, each rank's ZeRO-3 partition of the module's parameter gathered by hand: independent
+        # of the strategy's path (the fp32 master copies), and of DeepSpeed 0.16's GatheredParameters, which
+        # now and then handed back a buffer before its all-gather had filled it
+        self.state = {k: full_value(p) for k, p in sorted(pl_module.named_parameters()) if p.requires_grad}
 
 
 def main() -> None:
