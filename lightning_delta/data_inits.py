@@ -50,10 +50,8 @@ class IncrementalPCA:
             mean = (self.seen * self.mean + count * batch_mean) / total
             shift = math.sqrt(self.seen * count / total) * (self.mean - batch_mean)
             stacked = torch.cat([self.singular[:, None] * self.components, rows - batch_mean, shift[None]])
-        _, singular, vh = torch.linalg.svd(stacked, full_matrices=False)
-        # one sign per direction: its largest-magnitude entry positive (sklearn's svd_flip on V)
-        signs = torch.sign(vh.gather(1, vh.abs().argmax(1, keepdim=True)))
-        self.components, self.singular = (vh * signs)[: self.k], singular[: self.k]
+        _, singular, vh = signed_svd(stacked)  # the signs as sklearn's svd_flip on V
+        self.components, self.singular = vh[: self.k], singular[: self.k]
         self.mean, self.seen = mean, total
 
 
@@ -180,8 +178,7 @@ def lora_ga_init(deltas: list[Any], batches: Iterable[Any], forward: Callable[..
             gradients into those weights only.
     """
     weights = [target.weight for _, target in deltas]
-    sharded = [d.target_path for (d, _), w in zip(deltas, weights) if type(w).__name__ == "DTensor"
-               or is_partitioned(w)]
+    sharded = [d.target_path for (d, _), w in zip(deltas, weights) if is_partitioned(w)]
     if sharded:
         raise DeltaConfigError(f"lora init='lora_ga' needs the whole gradient of each target's weight, and"
                                f" {sharded[0]!r} is sharded (FSDP2 / ZeRO-3): use init='eva' there, or DDP")
@@ -197,7 +194,7 @@ def lora_ga_init(deltas: list[Any], batches: Iterable[Any], forward: Callable[..
     if run == 0:
         raise ValueError("LoRA-GA saw no training batch: the train dataloader is empty")
     for (d, _), w in zip(deltas, weights):
-        grad = _mean_over_ranks(torch.zeros(w.shape) if w.grad is None else w.grad.float() / run)
+        grad = _mean_over_ranks(torch.zeros(w.shape, device=w.device) if w.grad is None else w.grad.float() / run)
         w.grad = None
         if not bool(grad.any()):
             raise ValueError(f"LoRA-GA: no gradient reached {d.target_path!r} in {run} batches (is it on the loss's"
