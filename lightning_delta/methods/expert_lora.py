@@ -26,38 +26,34 @@ from torch import nn
 
 from lightning_delta.core import Delta, DeltaConfig
 from lightning_delta.errors import DeltaConfigError
-from lightning_delta.inits import kaiming_
+from lightning_delta.methods.lora_modules import add_in_float32_, draw_a_
 from lightning_delta.targets import ALL_LINEAR, candidate_modules, matches, normalize_patterns, resolve_targets
 
 #: Attribute of an experts module holding the views its eager forward reads while deltas apply.
 VIEWS_ATTR = "_lightning_delta_expert_views"
 
 
-def is_experts_module(module: nn.Module) -> bool:
-    """A module whose experts live in 3-D parameters: it says how many (``num_experts``) and holds some."""
+def _fused_names(module: nn.Module) -> list[str]:
+    """The names of ``module``'s 3-D parameters holding one slice per expert (it says how many: ``num_experts``)."""
     count = getattr(module, "num_experts", None)
-    return isinstance(count, int) and any(p.dim() == 3 and p.shape[0] == count for p in
-                                          module._parameters.values() if p is not None)
+    if not isinstance(count, int) or getattr(type(module), "is_delta", False):
+        return []
+    return [name for name, p in module._parameters.items() if p is not None and p.dim() == 3 and p.shape[0] == count]
 
 
 def fused_expert_parameters(model: nn.Module) -> dict[str, tuple[str, str]]:
     """``{parameter path: (experts module path, parameter name)}`` of every fused 3-D expert parameter."""
-    found: dict[str, tuple[str, str]] = {}
-    for path, module in model.named_modules():
-        if getattr(type(module), "is_delta", False) or not is_experts_module(module):
-            continue
-        for name, param in module._parameters.items():
-            if param is not None and param.dim() == 3 and param.shape[0] == module.num_experts:
-                found[f"{path}.{name}" if path else name] = (path, name)
-    return found
+    return {f"{path}.{name}" if path else name: (path, name)
+            for path, module in model.named_modules() for name in _fused_names(module)}
 
 
-def expert_targets(model: nn.Module, patterns: tuple[str, ...], exclude: tuple[str, ...],
+def expert_targets(fused: dict[str, tuple[str, str]], patterns: tuple[str, ...], exclude: tuple[str, ...],
                    matches: Callable[[str, str], bool]) -> dict[str, list[str]]:
-    """``{experts module path: [parameter names]}`` of the fused parameters ``patterns`` address (as a module
-    path would be: exact, dot-suffix or ``re:``), in the module's order (PEFT nests its wrappers in it)."""
+    """``{experts module path: [parameter names]}`` of the ``fused`` parameters (:func:`fused_expert_parameters`)
+    that ``patterns`` address (as a module path would be: exact, dot-suffix or ``re:``), in the module's order
+    (PEFT nests its wrappers in it)."""
     chosen: dict[str, list[str]] = {}
-    for path, (module_path, name) in fused_expert_parameters(model).items():
+    for path, (module_path, name) in fused.items():
         if any(matches(path, p) for p in patterns) and not any(matches(path, e) for e in exclude):
             chosen.setdefault(module_path, []).append(name)
     return chosen
@@ -69,7 +65,7 @@ def targets_with_experts(config: DeltaConfig, model: nn.Module) -> list[str]:
     patterns = normalize_patterns(config.preset(model) if config.targets is None else config.targets)
     exclude = normalize_patterns(config.exclude)
     params = fused_expert_parameters(model)
-    experts = expert_targets(model, patterns, exclude, matches)
+    experts = expert_targets(params, patterns, exclude, matches)
     by_module = [p for p in patterns if not any(matches(path, p) for path in params)]
     found = set(resolve_targets(model, by_module, config.supports, exclude=exclude, method=config.method,
                                 supported_types=config.supported_types) if by_module else ())
@@ -227,10 +223,7 @@ class ExpertLoRA(Delta):
         for name in self.parameter_names:
             self.B[name].zero_()
             for a in self.A[name]:
-                if self.config.init == "gaussian":
-                    a.copy_(torch.randn(a.shape, generator=generator) / self.config.r)
-                else:
-                    kaiming_(a, generator)
+                draw_a_(a, self.config, generator)
 
     def hook_into(self, target: nn.Module) -> None:
         _swap_in(target, self.parameter_names)
@@ -261,10 +254,8 @@ class ExpertLoRA(Delta):
         return update.transpose(-1, -2) if self.experts_transposed else update
 
     def _add(self, target: nn.Module, sign: int) -> None:
-        with torch.no_grad():
-            for name in self.parameter_names:
-                weight = target._parameters[name]
-                weight.copy_((weight.float() + sign * self.update(name).to(weight.device)).to(weight.dtype))
+        for name in self.parameter_names:
+            add_in_float32_(target._parameters[name], sign * self.update(name))
 
     def merge(self, target: nn.Module) -> None:
         if not self.merged:

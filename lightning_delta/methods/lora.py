@@ -39,7 +39,12 @@ from torch import nn
 from lightning_delta.core import DeltaConfig, iter_deltas
 from lightning_delta.data_inits import eva_init, lora_ga_init
 from lightning_delta.errors import UnsupportedModuleError
-from lightning_delta.methods.expert_lora import ExpertLoRA, expert_targets, targets_with_experts
+from lightning_delta.methods.expert_lora import (
+    ExpertLoRA,
+    expert_targets,
+    fused_expert_parameters,
+    targets_with_experts,
+)
 from lightning_delta.methods.lora_modules import (
     RESIDUAL_INITS,
     LoRA,
@@ -169,8 +174,10 @@ class LoraConfig(DeltaConfig):
                 f"lora init='lora_ga' takes 2r = {2 * self.r} singular directions of the gradient; {path or 'a target'}"
                 f" has a {tuple(module.weight.shape)} weight: use r <= {min(module.weight.shape) // 2}")
         if not self.supports(module):  # an experts module whose fused parameters the targets name
-            names = next(iter(expert_targets(module, normalize_patterns(self.targets), normalize_patterns(self.exclude),
-                                             lambda name, pattern: matches(f"{path}.{name}", pattern)).values()))
+            chosen = expert_targets(fused_expert_parameters(module), normalize_patterns(self.targets),
+                                    normalize_patterns(self.exclude),
+                                    lambda name, pattern: matches(f"{path}.{name}", pattern))
+            names = next(iter(chosen.values()))
             if self.method != "lora" or self.init not in ("default", "gaussian"):
                 raise UnsupportedModuleError(
                     f"{self.method} init={self.init!r} on fused expert parameters ({path}: {', '.join(names)}) is"

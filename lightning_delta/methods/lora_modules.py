@@ -22,6 +22,21 @@ from lightning_delta.tensors import is_quantized
 RESIDUAL_INITS = ("pissa", "olora")
 
 
+def draw_a_(a: torch.Tensor, config: Any, generator: torch.Generator) -> None:
+    """Fills a LoRA ``A`` factor: Kaiming-uniform (as ``nn.Linear`` and PEFT), or ``N(0, (1/r)^2)`` with
+    ``init="gaussian"``, drawn from ``generator``."""
+    if config.init == "gaussian":
+        fill_(a, lambda t: t.normal_(0.0, 1 / config.r, generator=generator))
+    else:
+        kaiming_(a, generator)
+
+
+@torch.no_grad()
+def add_in_float32_(weight: torch.Tensor, update: torch.Tensor) -> None:
+    """``weight += update``, summed in float32 and written back in the weight's dtype (one rounding)."""
+    weight.copy_((weight.float() + update.to(weight.device)).to(weight.dtype))
+
+
 class LoRA(MergesDeltaWeight, Delta):
     """Shared parts of the LoRA variants: the two factors, scaling and merge."""
 
@@ -44,11 +59,7 @@ class LoRA(MergesDeltaWeight, Delta):
         target's weight instead (:meth:`LoRALinear.init_from_weight`).
         """
         self.B.zero_()
-        if self.config.init == "gaussian":
-            generator, std = self.generator(), 1 / self.config.r
-            fill_(self.A, lambda t: t.normal_(0.0, std, generator=generator))
-        else:
-            kaiming_(self.A, self.generator())
+        draw_a_(self.A, self.config, self.generator())
 
     def start_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(A0, B0)`` where the delta's update is relative to a non-zero start (PiSSA, OLoRA, LoRA-GA)."""
@@ -153,9 +164,7 @@ class LoRALinear(LoRA):
     def _shift_weight(self, target: nn.Module, sign: int) -> None:
         offset = self.weight_offset()
         if offset is not None:
-            with torch.no_grad():
-                weight = target.weight
-                weight.copy_((weight.float() + sign * offset.to(weight.device)).to(weight.dtype))
+            add_in_float32_(target.weight, sign * offset)
 
     def on_attach(self, target: nn.Module) -> None:
         """PiSSA / OLoRA replace the weight by the residual ``W - s B0 A0``."""
